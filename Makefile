@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch and torchvision are pinned as a working pair (the video processor needs torchvision);
+# override TORCH_PACKAGES for another platform, e.g. TORCH_PACKAGES="torch torchvision".
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo-data
+
+.PHONY: demo test install install-dev lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PACKAGES)
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/omniq sample $(DEMO_DIR)/sample.mp4 --duration 40
+	$(VENV)/bin/omniq run $(DEMO_DIR)/sample.mp4 --model tiny --out ./omniq-data --chunk-seconds 15 --fps 1
+	@echo "Results are under ./omniq-data/results/ (open manifest.json first)."
+
+test: install-dev
+	$(PY) -m pytest
+
+lint: install-dev
+	$(VENV)/bin/ruff check pipeline workers tests bench
+
+clean:
+	rm -rf $(DEMO_DIR) omniq-data .pytest_cache

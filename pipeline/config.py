@@ -1,0 +1,92 @@
+"""One validated settings object, read once from ``OMNIQ_*`` environment variables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+TINY_MODEL = "tiny"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "omniq"
+
+
+class Settings(BaseSettings):
+    """Everything omniq reads from the environment. Pass it down; never read ``os.environ`` elsewhere."""
+
+    model_config = SettingsConfigDict(env_prefix="OMNIQ_", extra="ignore")
+
+    # Where things live
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = "file://./omniq-data"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    # Model
+    model: str = DEFAULT_MODEL  # hub id, local path, or "tiny"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    batch_size: int = Field(default=4, ge=1, le=64)
+    language: str | None = None  # e.g. "English"; None lets the model detect it
+    transcript_max_new_tokens: int = Field(default=256, ge=1)
+    caption_max_new_tokens: int = Field(default=128, ge=1)
+    summary_max_new_tokens: int = Field(default=192, ge=1)
+
+    # Media
+    chunk_seconds: float = Field(default=30.0, gt=0, le=600)
+    chunk_overlap_seconds: float = Field(default=0.0, ge=0)
+    silence_search_seconds: float = Field(default=3.0, ge=0)  # how far a boundary may move to silence
+    silence_noise_db: float = -35.0
+    silence_min_seconds: float = Field(default=0.3, gt=0)
+    fps: float = Field(default=2.0, gt=0, le=30)
+    frame_max_pixels: int = Field(default=448 * 448, ge=32 * 32)
+    max_file_bytes: int = Field(default=50 * 1024**3, gt=0)
+    max_duration_seconds: float = Field(default=6 * 3600.0, gt=0)
+    max_dimension: int = Field(default=8192, gt=0)
+    ffmpeg_timeout_seconds: float = Field(default=3600.0, gt=0)
+    probe_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    # Storage lifecycle
+    keep_work: bool = False
+
+    # Workers
+    max_retries: int = Field(default=5, ge=0)
+    retry_backoff_max_seconds: int = Field(default=300, ge=1)
+    visibility_timeout_seconds: int = Field(default=6 * 3600, ge=60)
+    flower_basic_auth: SecretStr | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _empty_language_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def effective_config(self) -> dict[str, object]:
+        """The settings that change outputs; they go into job ids and manifests."""
+        from pipeline.prompts import PROMPT_VERSION
+
+        return {
+            "model": self.model,
+            "prompt_version": PROMPT_VERSION,
+            "language": self.language,
+            "chunk_seconds": self.chunk_seconds,
+            "chunk_overlap_seconds": self.chunk_overlap_seconds,
+            "silence_search_seconds": self.silence_search_seconds,
+            "silence_noise_db": self.silence_noise_db,
+            "silence_min_seconds": self.silence_min_seconds,
+            "fps": self.fps,
+            "frame_max_pixels": self.frame_max_pixels,
+            "transcript_max_new_tokens": self.transcript_max_new_tokens,
+            "caption_max_new_tokens": self.caption_max_new_tokens,
+            "summary_max_new_tokens": self.summary_max_new_tokens,
+        }
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.effective_config(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Media handling: probe inputs, plan chunks, extract frames and audio with ffmpeg."""

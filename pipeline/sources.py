@@ -1,0 +1,93 @@
+"""Input sources: local paths, file:// and s3:// URIs; deterministic media and job ids."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, SourceNotFound
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A source as omniq names it (``uri``), with the fingerprint that makes its media id."""
+
+    uri: str
+    fingerprint: str  # size + mtime for files, ETag + size for S3 objects
+    size_bytes: int
+
+    @property
+    def media_id(self) -> str:
+        return hashlib.sha256(f"{self.uri}\n{self.fingerprint}".encode()).hexdigest()[:20]
+
+    @property
+    def name(self) -> str:
+        return Path(urlparse(self.uri).path).name or "media"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def job_id_for(media_id: str, config_hash: str) -> str:
+    """The job id: the media id plus the hash of the settings that change outputs."""
+    return f"{media_id}-{config_hash[:10]}"
+
+
+def local_path(uri: str) -> Path | None:
+    """The local path a source names, or None for remote URIs."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.netloc + parsed.path))
+    if parsed.scheme in ("", None):
+        return Path(uri)
+    return None
+
+
+def resolve_source(uri: str, settings: Settings) -> SourceRef:
+    """Name and fingerprint a source without reading its content."""
+    path = local_path(uri)
+    if path is not None:
+        path = path.expanduser().resolve()
+        if not path.is_file():
+            raise SourceNotFound(f"{uri}: no such file; check the path")
+        stat = path.stat()
+        return SourceRef(path.as_uri(), f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}", stat.st_size)
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from pipeline.storage import s3_client, split_s3_uri, translate_s3_error
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            head = s3_client(settings).head_object(Bucket=bucket, Key=key)
+        except Exception as error:
+            translated = translate_s3_error(error, uri)
+            if translated is error:
+                raise
+            raise translated from error
+        size = int(head.get("ContentLength", 0))
+        return SourceRef(f"s3://{bucket}/{key}", f"etag={head.get('ETag', '').strip(chr(34))};size={size}", size)
+    raise ConfigError(f"{uri}: unsupported source; give a local path, file:///path or s3://bucket/key")
+
+
+def fetch_source(uri: str, directory: Path, settings: Settings) -> Path:
+    """A local path with the source's bytes: local files are used in place, S3 objects are downloaded."""
+    path = local_path(uri)
+    if path is not None:
+        if not path.is_file():
+            raise SourceNotFound(f"{uri}: no such file; check the path")
+        return path
+    from pipeline.storage import s3_client, split_s3_uri, translate_s3_error
+
+    bucket, key = split_s3_uri(uri)
+    target = directory / ("source" + Path(key).suffix.lower()[:16])
+    try:
+        s3_client(settings).download_file(bucket, key, str(target))
+    except Exception as error:
+        translated = translate_s3_error(error, uri)
+        if translated is error:
+            raise
+        raise translated from error
+    return target

@@ -1,0 +1,240 @@
+"""Object storage behind one small interface: ``LocalStorage`` (file://) and ``S3Storage`` (boto3).
+
+Keys are '/'-separated relative paths (``results/<media-id>/manifest.json``). Writes are atomic
+(temp file + rename locally, a single PUT on S3) and skipped when the stored bytes are identical,
+so a redelivered task rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, PermanentError, SourceNotFound, TransientError
+
+log = logging.getLogger(__name__)
+
+
+class Storage(Protocol):
+    """Where work data and results live."""
+
+    url: str
+
+    def uri(self, key: str) -> str: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: use a relative 'a/b/c' path without '..'")
+    return key
+
+
+class LocalStorage:
+    """A directory on a local or shared file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.url = self.root.as_uri()
+
+    def path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def uri(self, key: str) -> str:
+        return self.path(key).as_uri()
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        target = self.path(key)
+        if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return True
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError as error:
+            raise SourceNotFound(f"{self.uri(key)}: not found in storage") from error
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                yield path.relative_to(self.root).as_posix()
+
+    def delete_prefix(self, prefix: str) -> int:
+        target = self.path(prefix.rstrip("/"))
+        if not target.exists():
+            return 0
+        count = sum(1 for p in target.rglob("*") if p.is_file())
+        shutil.rmtree(target)
+        return count
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.put_bytes(key, path.read_bytes())
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self.path(key), path)
+        except FileNotFoundError as error:
+            raise SourceNotFound(f"{self.uri(key)}: not found in storage") from error
+
+
+def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
+    """A boto3 S3 client; credentials come from the standard AWS environment/config chain."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region or "us-east-1", config=config
+    )
+
+
+def translate_s3_error(error: Exception, uri: str) -> Exception:
+    """Map a boto3 failure to omniq's hierarchy: missing → SourceNotFound, 5xx/network → TransientError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}:
+            return SourceNotFound(f"{uri}: not found ({code}); check the bucket and key")
+        if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            return PermanentError(f"{uri}: access denied ({code}); check the AWS credentials and bucket policy")
+        if status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}:
+            return TransientError(f"{uri}: storage is unavailable ({code}); will retry")
+        return PermanentError(f"{uri}: storage error {code}: {error}")
+    if isinstance(error, BotoCoreError):
+        return TransientError(f"{uri}: cannot reach storage ({error}); will retry")
+    return error
+
+
+class S3Storage:
+    """A bucket and key prefix on S3 or any S3-compatible server (``OMNIQ_S3_ENDPOINT_URL``)."""
+
+    def __init__(self, bucket: str, prefix: str, settings: Settings) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.client = s3_client(settings)
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _call(self, uri: str, method: str, **kwargs: object) -> dict:  # type: ignore[type-arg]
+        try:
+            return getattr(self.client, method)(**kwargs)
+        except Exception as error:  # translated below; anything unknown is re-raised unchanged
+            translated = translate_s3_error(error, uri)
+            if translated is error:
+                raise
+            raise translated from error
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        s3_key = self._key(key)
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        try:
+            head = self._call(self.uri(key), "head_object", Bucket=self.bucket, Key=s3_key)
+            if head.get("ETag", "").strip('"') == md5 and head.get("ContentLength") == len(data):
+                return False
+        except SourceNotFound:
+            pass
+        extra = {"ContentType": content_type} if content_type else {}
+        self._call(self.uri(key), "put_object", Bucket=self.bucket, Key=s3_key, Body=data, **extra)
+        return True
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(self.uri(key), "get_object", Bucket=self.bucket, Key=self._key(key))
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.uri(key), "head_object", Bucket=self.bucket, Key=self._key(key))
+        except SourceNotFound:
+            return False
+        return True
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    yield item["Key"][strip:]
+        except Exception as error:
+            translated = translate_s3_error(error, f"s3://{self.bucket}/{full}")
+            if translated is error:
+                raise
+            raise translated from error
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [self._key(key) for key in self.list_keys(prefix)]
+        for first in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[first : first + 1000]]
+            self._call(self.url, "delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.put_bytes(key, path.read_bytes())
+
+    def get_file(self, key: str, path: Path) -> None:
+        path.write_bytes(self.get_bytes(key))
+
+
+def open_storage(url: str, settings: Settings) -> LocalStorage | S3Storage:
+    """``file:///abs/dir``, ``file://./rel``, a plain directory path, or ``s3://bucket/prefix``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"storage URL {url!r} has no bucket: use s3://BUCKET/PREFIX")
+        return S3Storage(parsed.netloc, unquote(parsed.path), settings)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(unquote(parsed.netloc + parsed.path)))
+    if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
+        return LocalStorage(Path(url))
+    raise ConfigError(f"storage URL {url!r}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
+        raise ConfigError(f"{uri!r} is not an s3://BUCKET/KEY URI")
+    return parsed.netloc, unquote(parsed.path.lstrip("/"))

@@ -1,0 +1,119 @@
+"""The ``omniq`` command: run files in-process, or enqueue them for Celery workers and watch them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import Settings
+from pipeline.errors import OmniqError
+
+log = logging.getLogger("omniq")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    for name in ("model", "chunk_seconds", "fps", "batch_size", "language"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    settings = Settings()
+    return settings.model_copy(update=overrides) if overrides else settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.engines.omni import OmniEngine
+    from pipeline.job import run_job
+    from pipeline.storage import open_storage
+
+    settings = _settings(args)
+    storage = open_storage(args.out, settings)
+    engine = OmniEngine(settings)
+    outcomes = []
+    for source in args.sources:
+        outcome = run_job(source, settings, storage, engine)
+        outcomes.append(outcome)
+        if not args.json:
+            print(_outcome_line(outcome), flush=True)
+    if engine.random_weights and any(o.status == "done" for o in outcomes):
+        print(
+            "NOTE: --model tiny has random weights: the transcripts, captions and summaries are random text, "
+            "useful only to check the pipeline. Use --model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path.",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    return 0 if all(o.status == "done" for o in outcomes) else 1
+
+
+def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
+    if outcome.status == "done":
+        manifest = outcome.manifest or {}
+        return (
+            f"done    {outcome.source} -> {outcome.result_uri} "
+            f"({manifest.get('chunks')} chunks, {manifest.get('duration_s', 0):.1f} s of media, "
+            f"{manifest.get('timings', {}).get('total_s', 0):.1f} s)"
+        )
+    return f"{outcome.status:<7} {outcome.source}: {outcome.error}"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pipeline.media.sample import make_sample
+
+    path = make_sample(Path(args.path), args.duration, video=not args.audio_only, audio=not args.video_only)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniq", description="Video and audio understanding with Qwen3-Omni.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="process files in this process (no Redis needed)")
+    run.add_argument("sources", nargs="+", metavar="FILE_OR_URI")
+    run.add_argument("--out", default="./omniq-data", help="results directory or s3://bucket/prefix")
+    _model_options(run)
+    run.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
+    run.set_defaults(func=cmd_run)
+
+    sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
+    sample.add_argument("path")
+    sample.add_argument("--duration", type=float, default=20.0)
+    only = sample.add_mutually_exclusive_group()
+    only.add_argument("--audio-only", action="store_true")
+    only.add_argument("--video-only", action="store_true")
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id, local checkpoint path, or 'tiny' (random test model)")
+    parser.add_argument("--chunk-seconds", type=float, dest="chunk_seconds", help="chunk length (default 30)")
+    parser.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
+    parser.add_argument("--batch-size", type=int, dest="batch_size", help="chunks per generate call")
+    parser.add_argument("--language", help="spoken language, e.g. English (default: detect)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except OmniqError as error:
+        print(f"omniq: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # pydantic validation of settings
+        print(f"omniq: invalid setting: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
