@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import Settings
-from pipeline.errors import OmniqError
+from pipeline.errors import ConfigError, OmniqError
 
 log = logging.getLogger("omniq")
 
@@ -61,6 +62,75 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
     return f"{outcome.status:<7} {outcome.source}: {outcome.error}"
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.app import GPU_QUEUE, MEDIA_QUEUE, app
+
+    queue = args.queue
+    if queue not in (MEDIA_QUEUE, GPU_QUEUE):
+        raise ConfigError(f"--queue {queue!r}: use '{MEDIA_QUEUE}' (ffmpeg, CPU) or '{GPU_QUEUE}' (model)")
+    argv = ["worker", "--queues", queue, "--hostname", f"{queue}-%h-{os.getpid()}", "--task-events"]
+    argv += ["--loglevel", "INFO" if args.verbose else "WARNING"]
+    if queue == GPU_QUEUE:
+        # one model per process; 'solo' never forks, so CUDA is initialised in the process that uses it
+        argv += ["--pool", "solo"]
+    else:
+        argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from pipeline.storage import open_storage
+    from workers.producer import enqueue
+    from workers.state import JobState
+
+    settings = _settings(args)
+    outcomes = enqueue(
+        args.sources, settings, open_storage(settings.storage_url, settings), JobState.from_url(settings.broker_url), args.force
+    )
+    if args.json:
+        print(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    else:
+        for outcome in outcomes:
+            detail = f" ({outcome.reason})" if outcome.reason else ""
+            print(f"{outcome.status:<9} {outcome.job_id or '-'}  {outcome.source}{detail}")
+    return 1 if any(o.status == "rejected" for o in outcomes) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from workers.state import JobState
+
+    settings = Settings()
+    state = JobState.from_url(settings.broker_url)
+    if args.job_id:
+        job = state.get(args.job_id)
+        if job is None:
+            print(f"omniq: no job {args.job_id!r} in {_redacted(settings.broker_url)}; check the id", file=sys.stderr)
+            return 1
+        jobs = [job]
+    else:
+        jobs = state.recent(args.limit)
+    fields = ("job_id", "source", "status", "chunks_total", "chunks_done", "error")
+    if args.json:
+        print(json.dumps([{k: job[k] for k in fields} for job in jobs] if not args.job_id else {k: jobs[0][k] for k in fields}, indent=2))
+        return 0
+    for job in jobs:
+        error = f"  {job['error']}" if job["error"] else ""
+        print(f"{job['job_id']}  {job['status']:<11} {job['chunks_done']}/{job['chunks_total']} chunks  {job['source']}{error}")
+    return 0
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from pipeline.media.sample import make_sample
 
@@ -80,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(run)
     run.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
     run.set_defaults(func=cmd_run)
+
+    worker = commands.add_parser("worker", help="start a Celery worker for one queue")
+    worker.add_argument("--queue", required=True, help="media (ffmpeg, CPU) or gpu (the model)")
+    worker.add_argument("--concurrency", type=int, help="processes for the media queue (default: CPU count)")
+    worker.set_defaults(func=cmd_worker)
+
+    enqueue = commands.add_parser("enqueue", help="enqueue files for the workers; prints job ids")
+    enqueue.add_argument("sources", nargs="+", metavar="FILE_OR_URI")
+    enqueue.add_argument("--force", action="store_true", help="run again even if already done with this config")
+    enqueue.add_argument("--json", action="store_true")
+    _model_options(enqueue)
+    enqueue.set_defaults(func=cmd_enqueue)
+
+    status = commands.add_parser("status", help="show jobs and their chunk progress")
+    status.add_argument("job_id", nargs="?")
+    status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
 
     sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
     sample.add_argument("path")

@@ -1,0 +1,169 @@
+"""Thin Celery tasks: decode ids, call a ``pipeline.job`` step, record state, hand on to the next step.
+
+Retry policy lives in :class:`OmniqTask`: transient errors retry with backoff and jitter; permanent
+errors (corrupt media, limits, bad config) fail the job at once with the reason in its manifest and
+state, and the worker goes on serving other jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cache
+from typing import Any
+
+from celery import Task
+
+from pipeline import job
+from pipeline.config import Settings
+from pipeline.engines.base import Engine
+from pipeline.errors import OmniqError, TransientError
+from pipeline.storage import Storage, open_storage
+from workers.app import app
+from workers.state import JobState
+
+log = logging.getLogger(__name__)
+
+FINALIZE_CLAIM_SECONDS = 900
+
+
+@cache
+def settings() -> Settings:
+    return Settings()
+
+
+@cache
+def storage() -> Storage:
+    return open_storage(settings().storage_url, settings())
+
+
+@cache
+def state() -> JobState:
+    return JobState.from_url(settings().broker_url)
+
+
+@cache
+def engine() -> Engine:
+    """One model per worker process, loaded on first use (not in worker_process_init)."""
+    from pipeline.engines.omni import OmniEngine
+
+    return OmniEngine(settings())
+
+
+class OmniqTask(Task):
+    """Shared behaviour: retry transient errors; record permanent failures on the job."""
+
+    autoretry_for = (TransientError,)
+    retry_backoff = 5
+    retry_jitter = True
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = settings().max_retries
+    retry_backoff_max = settings().retry_backoff_max_seconds
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = kwargs.get("job_id")
+        log.error("%s failed for job %s: %s", self.name, job_id, exc)
+        if not job_id:
+            return
+        current = state().get(job_id) or {}
+        if current.get("status") == "done":  # a late duplicate must not turn a finished job into a failure
+            log.warning("ignoring failure of a late %s for finished job %s", self.name, job_id)
+            return
+        try:
+            spec = job.JobSpec.from_dict(kwargs["spec"]) if "spec" in kwargs else _spec(job_id)
+            job.write_failure(spec, storage(), settings(), exc, state().timings(job_id))
+        finally:
+            state().set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _spec(job_id: str) -> job.JobSpec:
+    import json
+
+    raw = state().redis.hget(JobState.key(job_id), "spec")
+    if not raw:
+        raise OmniqError(f"job {job_id}: no state in Redis; re-enqueue the file")
+    return job.JobSpec.from_dict(json.loads(raw))
+
+
+def _finished(job_id: str, *also: str) -> bool:
+    """True when a (late or duplicate) message arrives for a job that has ended; it is then dropped."""
+    status = (state().get(job_id) or {}).get("status")
+    return status in ("done", "failed", *also)
+
+
+def _is_redelivery(task: Task) -> bool:
+    return bool((task.request.delivery_info or {}).get("redelivered"))
+
+
+@app.task(name="omniq.ingest", base=OmniqTask, bind=True)
+def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
+    """Probe, plan and extract a file, then send one ``omniq.infer`` per batch of chunks."""
+    if _finished(job_id):
+        return
+    job_spec = job.JobSpec.from_dict(spec)
+    job_settings = job.settings_for(job_spec, settings())
+    state().set_status(job_id, "ingesting")
+    plan = job.ingest(job_spec, job_settings, storage())
+    state().add_timings(job_id, plan.timings)
+    state().set_status(job_id, "running", chunks_total=len(plan.chunks))
+    indices = [c.index for c in plan.chunks]
+    size = job_settings.batch_size
+    for first in range(0, len(indices), size):
+        group = indices[first : first + size]
+        infer.apply_async(
+            kwargs={"job_id": job_id, "source": source, "chunks": group}, task_id=f"{job_id}-infer-{group[0]}"
+        )
+
+
+@app.task(name="omniq.infer", base=OmniqTask, bind=True)
+def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
+    """Run the model on a batch of chunks; the task that completes the last chunk sends ``omniq.summarize``."""
+    if _finished(job_id):
+        return
+    plan = job.load_plan(storage(), job_id)
+    job_settings = job.settings_for(plan.spec, settings())
+    started = time.monotonic()
+    job.infer_chunks(plan, chunks, engine(), storage(), job_settings)
+    self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
+    done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
+    current = state().get(job_id) or {}
+    resend = _is_redelivery(self) and done >= len(plan.chunks) and current.get("status") == "running"
+    if completed_job or resend:
+        summarize.apply_async(kwargs={"job_id": job_id, "source": source}, task_id=f"{job_id}-summarize")
+
+
+@app.task(name="omniq.summarize", base=OmniqTask, bind=True)
+def summarize(self: Task, job_id: str, source: str) -> None:
+    """Write the file summary from the chunk summaries, then send ``omniq.finalize``."""
+    if _finished(job_id, "finalizing"):
+        return
+    state().set_status(job_id, "summarizing")
+    state().incr(job_id, "summarize_runs")
+    plan = job.load_plan(storage(), job_id)
+    started = time.monotonic()
+    job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings()))
+    state().add_timings(job_id, {"summarize_s": round(time.monotonic() - started, 3)})
+    finalize.apply_async(kwargs={"job_id": job_id, "source": source}, task_id=f"{job_id}-finalize")
+
+
+@app.task(name="omniq.finalize", base=OmniqTask, bind=True)
+def finalize(self: Task, job_id: str, source: str) -> None:
+    """Write the result files and the manifest, exactly once per job run."""
+    if _finished(job_id):
+        return
+    token = state().claim(job_id, "finalize", FINALIZE_CLAIM_SECONDS)
+    if token is None:
+        if _is_redelivery(self):  # the holder died mid-way; wait for its claim to expire
+            raise self.retry(countdown=60, max_retries=FINALIZE_CLAIM_SECONDS // 60 + 2)
+        return  # a duplicate message: the holder finishes the job
+    try:
+        state().set_status(job_id, "finalizing")
+        state().incr(job_id, "finalize_runs")
+        plan = job.load_plan(storage(), job_id)
+        created = float((state().redis.hget(JobState.key(job_id), "created_at")) or time.time())
+        timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
+        job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
+        state().set_status(job_id, "done")
+    finally:
+        state().release(job_id, "finalize", token)
