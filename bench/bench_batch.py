@@ -26,9 +26,7 @@ def main() -> None:
     engine.load()
     rng = np.random.default_rng(0)
     requests = [
-        prompts.transcript_request(
-            (0.1 * rng.standard_normal(int(16000 * args.seconds))).astype(np.float32), None, 32
-        )
+        prompts.transcript_request((0.1 * rng.standard_normal(int(16000 * args.seconds))).astype(np.float32), None, 32)
         for _ in range(args.rows)
     ]
     engine.generate(requests[:1])  # warm-up

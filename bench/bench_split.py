@@ -40,7 +40,9 @@ def main() -> None:
         source = Path(args.file) if args.file else make_sample(directory / "sample.mp4", args.duration, size="640x360")
         info = probe_media(source)
         exe = ffmpeg_binary()
-        decode = timed(lambda: run_ffmpeg([exe, "-nostdin", "-v", "error", "-i", str(source), "-f", "null", "-"], 3600, "decode"))
+        decode = timed(
+            lambda: run_ffmpeg([exe, "-nostdin", "-v", "error", "-i", str(source), "-f", "null", "-"], 3600, "decode")
+        )
 
         storage = LocalStorage(directory / "store")
         spec = make_spec(str(source), settings)
@@ -53,15 +55,34 @@ def main() -> None:
                 out = directory / "naive" / str(index)
                 out.mkdir(parents=True)
                 start = index * settings.chunk_seconds
-                command = [exe, "-nostdin", "-v", "error", "-ss", str(start), "-t", str(settings.chunk_seconds), "-i", str(source)]
+                command = [
+                    exe,
+                    "-nostdin",
+                    "-v",
+                    "error",
+                    "-ss",
+                    str(start),
+                    "-t",
+                    str(settings.chunk_seconds),
+                    "-i",
+                    str(source),
+                ]
                 if info.has_video:
-                    command += ["-map", "0:v:0", "-vf", f"fps={settings.fps},scale=trunc(iw*{factor}/2)*2:-2", str(out / "%06d.jpg")]
+                    command += [
+                        "-map",
+                        "0:v:0",
+                        "-vf",
+                        f"fps={settings.fps},scale=trunc(iw*{factor}/2)*2:-2",
+                        str(out / "%06d.jpg"),
+                    ]
                 if info.has_audio:
                     command += ["-map", "0:a:0", "-ac", "1", "-ar", "16000", str(out / "audio.wav")]
                 run_ffmpeg(command, 3600, "naive")
 
         naive = timed(per_chunk)
-    print(f"file: {info.duration_s:.0f} s, {info.width}x{info.height}, {chunks} chunks of {settings.chunk_seconds:.0f} s")
+    print(
+        f"file: {info.duration_s:.0f} s, {info.width}x{info.height}, {chunks} chunks of {settings.chunk_seconds:.0f} s"
+    )
     print(f"decode only (baseline):   {decode:7.2f} s   1.00x")
     print(f"omniq ingest:             {ours:7.2f} s   {ours / decode:5.2f}x decode")
     print(f"one ffmpeg per chunk:     {naive:7.2f} s   {naive / decode:5.2f}x decode")

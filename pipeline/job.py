@@ -316,7 +316,10 @@ def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Set
     key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
     if storage.exists(key):
         return _get_json(storage, key)
-    chunks = [ChunkResult.from_dict(_get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json")) for c in job_plan.chunks]
+    chunks = [
+        ChunkResult.from_dict(_get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
+        for c in job_plan.chunks
+    ]
     request = prompts.file_summary_request(
         [(c.start, c.end, c.summary) for c in chunks], settings.summary_max_new_tokens
     )

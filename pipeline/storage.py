@@ -118,7 +118,8 @@ def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
         connect_timeout=10,
         read_timeout=120,
     )
-    return boto3.client(
+    # a fresh session per client: the default session caches the credentials it read first
+    return boto3.session.Session().client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region or "us-east-1", config=config
     )
 

@@ -29,7 +29,6 @@ from typing import IO, Any, Self
 
 import boto3
 import botocore.exceptions
-import redis
 from botocore.config import Config
 
 LOOPBACK = "127.0.0.1"
@@ -130,11 +129,12 @@ def redis_server_command(binary: str, port: int, directory: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def weed_mini_command(binary: str, ports: dict[str, int], data_dir: Path, s3_config: Path) -> list[str]:
+def weed_mini_command(binary: str, ports: dict[str, int], directory: Path, s3_config: Path) -> list[str]:
     """``weed mini`` on 127.0.0.1 only: master, volume, filer and an authenticated S3 gateway.
 
-    WebDAV, Iceberg and Lance are off, telemetry is off, volumes are small (64 MB, created sparse and
-    only on first write) and SIGTERM shuts it down without the usual pre-stop delay.
+    Data and the two configurable unix sockets go under ``directory``. WebDAV, Iceberg and Lance are
+    off, telemetry is off, volumes are small (64 MB, sparse, created on first write) and SIGTERM shuts
+    it down without the usual pre-stop delay.
     """
     missing = set(WEED_PORT_FLAGS) - set(ports)
     if missing:
@@ -142,10 +142,12 @@ def weed_mini_command(binary: str, ports: dict[str, int], data_dir: Path, s3_con
     return [
         binary,
         "mini",
-        f"-dir={data_dir}",
+        f"-dir={directory / 'data'}",
         f"-ip={LOOPBACK}",
         f"-ip.bind={LOOPBACK}",
         *(f"-{flag}={ports[flag]}" for flag in WEED_PORT_FLAGS),
+        f"-filer.localSocket={directory / 'filer.sock'}",
+        f"-s3.localSocket={directory / 's3.sock'}",
         f"-s3.config={s3_config}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
@@ -274,7 +276,7 @@ class _ServerProcess:
                 return True
             time.sleep(_POLL_SECONDS)
         raise ServerStartError(
-            f"{self.name} did not answer within {self.startup_timeout:.0f} s. {self._not_ready_reason}\n"
+            f"{self.name} did not answer within {self.startup_timeout:g} s. {self._not_ready_reason}\n"
             f"command: {' '.join(command)}\nlast lines of its log:\n{_log_tail(self.log_path)}"
         )
 
@@ -340,14 +342,18 @@ class RedisServer(_ServerProcess):
         return redis_server_command(self.binary, self.port, directory)
 
     def _is_ready(self) -> bool:
-        client = redis.Redis(host=LOOPBACK, port=self.port, socket_connect_timeout=1, socket_timeout=1)
+        # A bare RESP PING: redis-py would retry with backoff for seconds on a port that does not answer.
         try:
-            return bool(client.ping())
-        except redis.ConnectionError as error:  # includes BusyLoadingError and refused connections
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                reply = connection.recv(64)
+        except OSError as error:  # refused, reset or timed out
             self._not_ready_reason = f"PING on port {self.port} failed: {error}"
             return False
-        finally:
-            client.close()
+        if not reply.startswith(b"+PONG"):  # e.g. -LOADING while it reads a dataset
+            self._not_ready_reason = f"PING on port {self.port} answered {reply!r}"
+            return False
+        return True
 
 
 class S3Server(_ServerProcess):
@@ -424,16 +430,22 @@ class S3Server(_ServerProcess):
         s3_config = directory / "s3.json"
         s3_config.write_text(json.dumps(s3_identities_config(self.access_key, self.secret_key)))
         s3_config.chmod(0o600)
-        data_dir = directory / "data"
-        data_dir.mkdir(exist_ok=True)
-        return weed_mini_command(self.binary, self.ports, data_dir, s3_config)
+        (directory / "data").mkdir(exist_ok=True)
+        return weed_mini_command(self.binary, self.ports, directory, s3_config)
+
+    def _release_process(self) -> None:
+        super()._release_process()
+        # weed puts its gRPC unix sockets at fixed /tmp/seaweedfs-<component>-grpc-<port>.sock paths (no flag
+        # moves them) and leaves some behind; these names carry our ports, so they are ours to delete.
+        for flag, port in self.ports.items():
+            if flag.endswith(".grpc"):
+                component = flag.split(".", 1)[0]
+                Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock").unlink(missing_ok=True)
 
     def _environment(self) -> dict[str, str]:
         # weed reads AWS_* and S3_* (e.g. S3_BUCKET) from its environment; only s3.json may define access.
-        environment = {
-            key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "S3_"))
-        }
-        # Go puts its unix sockets and glog files in TMPDIR; keep them inside the temp dir we delete.
+        environment = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "S3_"))}
+        # weed writes its glog files to TMPDIR: keep them inside the temp dir that stop() deletes.
         assert self.directory is not None
         environment["TMPDIR"] = str(self.directory)
         return environment

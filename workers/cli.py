@@ -86,7 +86,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     outcomes = enqueue(
-        args.sources, settings, open_storage(settings.storage_url, settings), JobState.from_url(settings.broker_url), args.force
+        args.sources,
+        settings,
+        open_storage(settings.storage_url, settings),
+        JobState.from_url(settings.broker_url),
+        args.force,
     )
     if args.json:
         print(json.dumps([o.to_dict() for o in outcomes], indent=2))
@@ -112,11 +116,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs = state.recent(args.limit)
     fields = ("job_id", "source", "status", "chunks_total", "chunks_done", "error")
     if args.json:
-        print(json.dumps([{k: job[k] for k in fields} for job in jobs] if not args.job_id else {k: jobs[0][k] for k in fields}, indent=2))
+        print(
+            json.dumps(
+                [{k: job[k] for k in fields} for job in jobs] if not args.job_id else {k: jobs[0][k] for k in fields},
+                indent=2,
+            )
+        )
         return 0
     for job in jobs:
         error = f"  {job['error']}" if job["error"] else ""
-        print(f"{job['job_id']}  {job['status']:<11} {job['chunks_done']}/{job['chunks_total']} chunks  {job['source']}{error}")
+        progress = f"{job['chunks_done']}/{job['chunks_total']} chunks"
+        print(f"{job['job_id']}  {job['status']:<11} {progress}  {job['source']}{error}")
     return 0
 
 

@@ -26,7 +26,9 @@ class Enqueued:
         return {"source": self.source, "job_id": self.job_id, "status": self.status, "reason": self.reason}
 
 
-def enqueue(sources: list[str], settings: Settings, storage: Storage, state: JobState, force: bool = False) -> list[Enqueued]:
+def enqueue(
+    sources: list[str], settings: Settings, storage: Storage, state: JobState, force: bool = False
+) -> list[Enqueued]:
     """Enqueue each source; a finished job with the same content and config is skipped unless ``force``."""
     from workers.tasks import ingest
 

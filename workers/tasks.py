@@ -12,6 +12,7 @@ import time
 from functools import cache
 from typing import Any
 
+import redis
 from celery import Task
 
 from pipeline import job
@@ -53,7 +54,7 @@ def engine() -> Engine:
 class OmniqTask(Task):
     """Shared behaviour: retry transient errors; record permanent failures on the job."""
 
-    autoretry_for = (TransientError,)
+    autoretry_for = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
     retry_backoff = 5
     retry_jitter = True
     acks_late = True
@@ -130,6 +131,7 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
     current = state().get(job_id) or {}
     resend = _is_redelivery(self) and done >= len(plan.chunks) and current.get("status") == "running"
     if completed_job or resend:
+        state().incr(job_id, "summarize_sent")
         summarize.apply_async(kwargs={"job_id": job_id, "source": source}, task_id=f"{job_id}-summarize")
 
 

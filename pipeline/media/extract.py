@@ -113,7 +113,9 @@ class ExtractedMedia:
         """Frames whose timestamp ``k / fps`` lies in ``[start, end)``."""
         first = math.ceil(start * self.fps - 1e-6)
         last = math.ceil(end * self.fps - 1e-6)  # exclusive
-        return [self.directory / "frames" / (FRAME_PATTERN % k) for k in range(max(first, 0), min(last, self.frame_count))]
+        return [
+            self.directory / "frames" / (FRAME_PATTERN % k) for k in range(max(first, 0), min(last, self.frame_count))
+        ]
 
     def audio(self) -> np.ndarray:
         """The whole soundtrack as int16 samples, memory-mapped (long files stay off the heap)."""

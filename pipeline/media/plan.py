@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 MIN_TAIL_SECONDS = 1.0  # a last piece shorter than this joins the chunk before it
 
@@ -71,5 +72,5 @@ def plan_chunks(
     boundaries.append(duration)
     return [
         Chunk(index, start, end, max(0.0, start - overlap_seconds))
-        for index, (start, end) in enumerate(zip(boundaries, boundaries[1:], strict=False))
+        for index, (start, end) in enumerate(pairwise(boundaries))
     ]

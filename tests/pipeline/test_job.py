@@ -110,7 +110,9 @@ def test_video_only_and_audio_only(media, settings, engine, tmp_path):
 def test_silent_chunk_gets_no_transcript(settings, engine, tmp_path):
     path = make_sample(tmp_path / "quiet.mp4", 6.0, period=100.0, gap=99.0)  # tone for the first second only
     storage = LocalStorage(tmp_path / "store")
-    outcome = run_job(str(path), settings.model_copy(update={"chunk_seconds": 3.0, "silence_search_seconds": 0.0}), storage, engine)
+    outcome = run_job(
+        str(path), settings.model_copy(update={"chunk_seconds": 3.0, "silence_search_seconds": 0.0}), storage, engine
+    )
     assert outcome.status == "done"
     segments = json.loads(_read(storage, outcome.media_id, "transcript.json"))["segments"]
     assert [s["start"] for s in segments] == [0.0]  # the second chunk is silence: nothing to transcribe
@@ -150,11 +152,27 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     corrupt = tmp_path / "bad.mkv"
     corrupt.write_bytes(b"not media")
     command = [
-        sys.executable, "-m", "workers.cli", "run", str(media["audio"]), str(corrupt),
-        "--out", str(tmp_path / "out"), "--model", "tiny", "--chunk-seconds", "10", "--json",
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "run",
+        str(media["audio"]),
+        str(corrupt),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        "tiny",
+        "--chunk-seconds",
+        "10",
+        "--json",
     ]
-    env = {"OMNIQ_CACHE_DIR": str(tiny_cache_dir), "OMNIQ_TRANSCRIPT_MAX_NEW_TOKENS": "8",
-           "OMNIQ_CAPTION_MAX_NEW_TOKENS": "8", "OMNIQ_SUMMARY_MAX_NEW_TOKENS": "8", "PATH": "/usr/bin:/bin"}
+    env = {
+        "OMNIQ_CACHE_DIR": str(tiny_cache_dir),
+        "OMNIQ_TRANSCRIPT_MAX_NEW_TOKENS": "8",
+        "OMNIQ_CAPTION_MAX_NEW_TOKENS": "8",
+        "OMNIQ_SUMMARY_MAX_NEW_TOKENS": "8",
+        "PATH": "/usr/bin:/bin",
+    }
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 1, completed.stderr
     outcomes = json.loads(completed.stdout)
@@ -162,5 +180,7 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     assert all(set(o) == {"source", "media_id", "status", "result_uri", "error"} for o in outcomes)
     assert "bad.mkv" in outcomes[1]["error"]
     assert "random" in completed.stderr  # the console says the tiny model's text is random
-    completed = subprocess.run(command[:-3] + ["--chunk-seconds", "10"], capture_output=True, text=True, env=env, timeout=300)
+    completed = subprocess.run(
+        command[:-3] + ["--chunk-seconds", "10"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert completed.returncode == 1 and completed.stdout.startswith("done")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
+from pipeline.config import Settings
 from workers.app import TASK_ROUTES, celery_config
 from workers.state import JobState
-from pipeline.config import Settings
 
 
 @pytest.fixture

@@ -70,7 +70,9 @@ def test_probe_rejects_empty_missing_and_playlists(media):
 
 
 def test_limits_name_the_setting():
-    info = MediaInfo(size_bytes=10, duration_s=100.0, format_name="mp4", has_video=True, has_audio=False, width=640, height=480)
+    info = MediaInfo(
+        size_bytes=10, duration_s=100.0, format_name="mp4", has_video=True, has_audio=False, width=640, height=480
+    )
     check_limits(info, Settings(), "x.mp4")
     with pytest.raises(LimitExceeded, match="OMNIQ_MAX_DURATION_SECONDS"):
         check_limits(info, Settings(max_duration_seconds=50), "x.mp4")

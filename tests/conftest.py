@@ -1,0 +1,59 @@
+"""Fixtures every test package can use: a real Redis and a real S3 endpoint, each started once per session.
+
+The servers themselves live in ``tests/servers.py``; this file only adapts them to pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import RedisServer, S3Server
+
+# -- Redis ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a Redis for this session: ``OMNIQ_TEST_REDIS_URL`` if set, else a throwaway redis-server."""
+    external_url = os.environ.get("OMNIQ_TEST_REDIS_URL")
+    if external_url:
+        yield external_url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+# -- S3 -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A SeaweedFS S3 endpoint on 127.0.0.1 that only accepts requests signed with its own key pair."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket on ``s3_server``, deleted with its contents after the test."""
+    name = s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+    yield name
+    s3_server.delete_bucket(name)
+
+
+# -- The tiny model -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ``OMNIQ_CACHE_DIR`` holding the tiny random-weight Qwen3-Omni, built once for the session."""
+    from pipeline.engines.tiny import ensure_tiny_model
+
+    directory = tmp_path_factory.mktemp("omniq-cache")
+    ensure_tiny_model(directory)
+    return directory

@@ -1,0 +1,203 @@
+"""Distributed runs: real redis-server, real `omniq worker` processes (media + gpu), real S3 over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import job
+from pipeline.config import Settings
+from pipeline.media.sample import make_sample
+from pipeline.storage import S3Storage
+from workers.producer import enqueue
+from workers.state import JobState
+
+pytestmark = pytest.mark.slow
+
+WORKER_ENV = {
+    "OMNIQ_MODEL": "tiny",
+    "OMNIQ_CHUNK_SECONDS": "10",
+    "OMNIQ_FPS": "1",
+    "OMNIQ_FRAME_MAX_PIXELS": str(96 * 96),
+    "OMNIQ_BATCH_SIZE": "2",
+    "OMNIQ_TRANSCRIPT_MAX_NEW_TOKENS": "12",
+    "OMNIQ_CAPTION_MAX_NEW_TOKENS": "12",
+    "OMNIQ_SUMMARY_MAX_NEW_TOKENS": "8",
+    "OMNIQ_MAX_RETRIES": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
+    """A bucket, the environment every omniq process shares, and one media and one gpu worker."""
+    bucket = "omniq-dist"
+    s3_server.create_bucket(bucket)
+    logs = tmp_path_factory.mktemp("worker-logs")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OMNIQ_", "AWS_"))},
+        **WORKER_ENV,
+        "OMNIQ_BROKER_URL": redis_url,
+        "OMNIQ_STORAGE_URL": f"s3://{bucket}/lib",
+        "OMNIQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "OMNIQ_CACHE_DIR": str(tiny_cache_dir),
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": s3_server.region,
+    }
+    workers = []
+    for queue in ("media", "gpu"):
+        log = (logs / f"{queue}.log").open("w")
+        command = [sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", queue, "--concurrency", "1"]
+        workers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the producer in this process uses the same settings
+    from workers.app import app
+
+    app.conf.broker_url = redis_url
+    try:
+        settings = Settings()
+        yield {
+            "env": env,
+            "settings": settings,
+            "storage": S3Storage(bucket, "lib", settings),
+            "state": JobState.from_url(redis_url),
+            "logs": logs,
+            "s3": s3_server,
+            "bucket": bucket,
+        }
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for process, log in workers:
+            process.terminate()
+        for process, log in workers:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+
+def _wait(cluster, job_ids, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [cluster["state"].get(j) for j in job_ids]
+        if all(j and j["status"] in ("done", "failed") for j in jobs):
+            return {j["job_id"]: j for j in jobs}
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"].iterdir())
+    raise AssertionError(f"jobs not finished in {timeout}s: {[cluster['state'].get(j) for j in job_ids]}\n{logs}")
+
+
+def _manifest(cluster, media_id):
+    return json.loads(cluster["storage"].get_bytes(f"results/{media_id}/manifest.json"))
+
+
+def test_several_files_with_s3_storage(cluster, tmp_path):
+    audio = make_sample(tmp_path / "podcast.mp3", 14.0, video=False)
+    cluster["s3"].client().upload_file(str(audio), cluster["bucket"], "incoming/podcast.mp3")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 1000)
+    sources = [
+        str(make_sample(tmp_path / "talk.mp4", 23.0)),
+        str(corrupt),
+        str(make_sample(tmp_path / "silent.mp4", 12.0, audio=False)),
+        f"s3://{cluster['bucket']}/incoming/podcast.mp3",
+    ]
+    outcomes = enqueue(sources, cluster["settings"], cluster["storage"], cluster["state"])
+    assert [o.status for o in outcomes] == ["enqueued"] * 4
+    jobs = _wait(cluster, [o.job_id for o in outcomes])
+    talk, bad, silent, podcast = (jobs[o.job_id] for o in outcomes)
+
+    assert bad["status"] == "failed" and "corrupt.mp4" in bad["error"]
+    bad_manifest = _manifest(cluster, bad["media_id"])
+    assert bad_manifest["status"] == "failed" and "corrupt.mp4" in bad_manifest["error"]
+
+    for good in (talk, silent, podcast):  # the worker kept serving after the corrupt file
+        assert good["status"] == "done", good
+        assert good["chunks_done"] == good["chunks_total"] > 0
+        keys = set(cluster["storage"].list_keys(f"results/{good['media_id']}"))
+        assert {k.rsplit("/", 1)[1] for k in keys} == set(job.RESULT_FILES)
+        manifest = _manifest(cluster, good["media_id"])
+        assert manifest["status"] == "done" and manifest["random_weights"] is True
+        assert manifest["outputs"]["transcript.srt"].startswith(f"s3://{cluster['bucket']}/lib/results/")
+        assert list(cluster["storage"].list_keys(f"work/{good['job_id']}")) == []
+    assert _manifest(cluster, podcast["media_id"])["source"] == sources[3]
+    assert json.loads(cluster["storage"].get_bytes(f"results/{silent['media_id']}/transcript.json"))["segments"] == []
+    assert json.loads(cluster["storage"].get_bytes(f"results/{talk['media_id']}/captions.json"))["chunks"][2][
+        "end"
+    ] == pytest.approx(23.0, abs=0.1)
+
+    # the same files again: nothing to do, unless forced
+    again = enqueue(sources[:1], cluster["settings"], cluster["storage"], cluster["state"])
+    assert again[0].status == "skipped" and again[0].job_id == outcomes[0].job_id
+    forced = enqueue(sources[:1], cluster["settings"], cluster["storage"], cluster["state"], force=True)
+    assert forced[0].status == "enqueued"
+    assert _wait(cluster, [forced[0].job_id])[forced[0].job_id]["status"] == "done"
+
+    # omniq status shows every job with its chunk progress
+    listing = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "status", "--json"],
+        capture_output=True,
+        text=True,
+        env=cluster["env"],
+        timeout=60,
+    )
+    rows = {row["job_id"]: row for row in json.loads(listing.stdout)}
+    assert rows[talk["job_id"]]["status"] == "done" and rows[talk["job_id"]]["chunks_done"] == 3
+    assert set(rows[bad["job_id"]]) == {"job_id", "source", "status", "chunks_total", "chunks_done", "error"}
+    one = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "status", bad["job_id"], "--json"],
+        capture_output=True,
+        text=True,
+        env=cluster["env"],
+        timeout=60,
+    )
+    assert json.loads(one.stdout)["status"] == "failed"
+
+
+def test_duplicate_chunk_delivery_finalizes_once(cluster, tmp_path):
+    from workers.tasks import infer, summarize
+
+    path = make_sample(tmp_path / "dup.mp4", 23.0)
+    settings, storage, state = cluster["settings"], cluster["storage"], cluster["state"]
+    spec = job.make_spec(str(path), settings)
+    state.create(spec.job_id, spec.source, spec.media_id, spec.to_dict())
+    plan = job.ingest(spec, settings, storage)  # the media step, run here so the chunk messages can be doubled
+    state.set_status(spec.job_id, "running", chunks_total=len(plan.chunks))
+    groups = [[0, 1], [2]]
+    assert len(plan.chunks) == 3
+    for group in groups + groups:  # every chunk message delivered twice, same task id as a redelivery has
+        infer.apply_async(
+            kwargs={"job_id": spec.job_id, "source": spec.source, "chunks": group},
+            task_id=f"{spec.job_id}-infer-{group[0]}",
+        )
+    final = _wait(cluster, [spec.job_id])[spec.job_id]
+    assert final["status"] == "done"
+    counters = state.redis.hgetall(JobState.key(spec.job_id))
+    assert counters["summarize_sent"] == "1"  # only the delivery that completed the last chunk sent it
+    assert counters["summarize_runs"] == "1" and counters["finalize_runs"] == "1"
+    transcript = json.loads(storage.get_bytes(f"results/{spec.media_id}/transcript.json"))
+    starts = [s["start"] for s in transcript["segments"]]
+    assert starts == sorted(set(starts))  # no segment written twice
+    summary = json.loads(storage.get_bytes(f"results/{spec.media_id}/summary.json"))
+    assert [c["index"] for c in summary["chunks"]] == [0, 1, 2]
+
+    # late duplicates after the job finished change nothing
+    before = storage.get_bytes(f"results/{spec.media_id}/manifest.json")
+    infer.apply_async(kwargs={"job_id": spec.job_id, "source": spec.source, "chunks": [0, 1]})
+    summarize.apply_async(kwargs={"job_id": spec.job_id, "source": spec.source})
+    after = make_sample(tmp_path / "after.mp3", 4.0, video=False)
+    later = enqueue([str(after)], settings, storage, state)[0]  # the gpu worker takes messages in order
+    assert _wait(cluster, [later.job_id])[later.job_id]["status"] == "done"
+    assert storage.get_bytes(f"results/{spec.media_id}/manifest.json") == before
+    assert state.get(spec.job_id)["status"] == "done"
+    assert state.redis.hget(JobState.key(spec.job_id), "summarize_runs") == "1"
