@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     # Storage lifecycle
     keep_work: bool = False
 
+    # Search index (see pipeline/search.py): sqlite:///path; unset = index.sqlite beside local results,
+    # or under cache_dir when results are on S3
+    index_url: str | None = None
+
+    # Triggers and bulk enqueue
+    media_extensions: str = (
+        ".mp4,.mov,.mkv,.webm,.avi,.m4v,.mpg,.mpeg,.ts,.mts,.m2ts,.flv,.wmv,.3gp,.ogv,"
+        ".mp3,.wav,.flac,.m4a,.aac,.ogg,.oga,.opus,.wma,.aiff,.aif,.amr"
+    )
+    trigger_include_prefixes: str = ""  # comma-separated key prefixes; empty = every key
+    trigger_exclude_prefixes: str = ""  # comma-separated key prefixes to ignore (e.g. omniq's own output prefix)
+    sqs_endpoint_url: str | None = None
+    webhook_token: SecretStr | None = None
+
     # Workers
     max_retries: int = Field(default=5, ge=0)
     retry_backoff_max_seconds: int = Field(default=300, ge=1)
@@ -66,6 +80,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_language_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    def media_extension_set(self) -> frozenset[str]:
+        """Lower-case extensions, each with its leading dot."""
+        parts = (p.strip().lower() for p in self.media_extensions.split(","))
+        return frozenset(p if p.startswith(".") else f".{p}" for p in parts if p)
 
     def effective_config(self) -> dict[str, object]:
         """The settings that change outputs; they go into job ids and manifests."""
