@@ -107,5 +107,10 @@ class Settings(BaseSettings):
         }
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.effective_config(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return config_hash_of(self.effective_config())
+
+
+def config_hash_of(config: dict[str, object]) -> str:
+    """The hash of an effective config (as stored in job specs and manifests)."""
+    blob = json.dumps(config, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline import __version__, assemble, prompts
 from pipeline.assemble import ChunkResult
-from pipeline.config import Settings
+from pipeline.config import Settings, config_hash_of
 from pipeline.engines.base import Engine, GenerationRequest
 from pipeline.errors import ConfigError, OmniqError
 from pipeline.media import extract, plan
@@ -58,6 +58,8 @@ class JobSpec:
     input_uri: str  # where the bytes are read (the source, or its uploaded copy)
     fingerprint: str
     config: dict[str, Any]
+    tag: str | None = None  # a per-run label (``--tag``); recorded in the manifest and the index
+    priority: int = 5  # 0 (lowest) .. 9 (most urgent)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,8 +114,18 @@ def results_prefix(media_id: str) -> str:
     return f"results/{media_id}"
 
 
-def make_spec(source: str, settings: Settings, input_uri: str | None = None, ref: SourceRef | None = None) -> JobSpec:
-    """Name a job: deterministic ids from the source fingerprint and the effective config."""
+def make_spec(
+    source: str,
+    settings: Settings,
+    input_uri: str | None = None,
+    ref: SourceRef | None = None,
+    tag: str | None = None,
+    priority: int = 5,
+) -> JobSpec:
+    """Name a job: deterministic ids from the source fingerprint and the effective config.
+
+    The tag and priority do not change outputs, so they are not part of the job id.
+    """
     ref = ref or resolve_source(source, settings)
     return JobSpec(
         job_id=job_id_for(ref.media_id, settings.config_hash()),
@@ -122,6 +134,8 @@ def make_spec(source: str, settings: Settings, input_uri: str | None = None, ref
         input_uri=input_uri or ref.uri,
         fingerprint=ref.fingerprint,
         config=settings.effective_config(),
+        tag=tag,
+        priority=priority,
     )
 
 
@@ -346,8 +360,9 @@ def _base_manifest(spec: JobSpec, settings: Settings) -> dict[str, Any]:
         "job_id": spec.job_id,
         "input_uri": spec.input_uri,
         "fingerprint": spec.fingerprint,
-        "config_hash": settings.config_hash(),
+        "config_hash": config_hash_of(spec.config),
         "model": spec.config.get("model", settings.model),
+        "tag": spec.tag,
         "prompt_version": prompts.PROMPT_VERSION,
         "settings": spec.config,
         "omniq_version": __version__,

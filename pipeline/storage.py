@@ -7,6 +7,7 @@ so a redelivered task rewrites nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -108,20 +109,33 @@ class LocalStorage:
 
 
 def s3_client(settings: Settings):  # type: ignore[no-untyped-def]
-    """A boto3 S3 client; credentials come from the standard AWS environment/config chain."""
+    """A boto3 S3 client; credentials come from the standard AWS environment/config chain.
+
+    Clients are expensive to build (~50 ms), so one is kept per endpoint, region and credentials.
+    """
+    credentials = (
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        os.environ.get("AWS_PROFILE"),
+    )
+    key = hashlib.sha256(repr(credentials).encode()).hexdigest()  # never kept in clear
+    return _cached_s3_client(settings.s3_endpoint_url, settings.s3_region or "us-east-1", key)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_s3_client(endpoint_url: str | None, region: str, credentials_key: str):  # type: ignore[no-untyped-def]
     import boto3
     from botocore.config import Config
 
     config = Config(
         retries={"max_attempts": 5, "mode": "standard"},
-        s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
+        s3={"addressing_style": "path"} if endpoint_url else {},
         connect_timeout=10,
         read_timeout=120,
+        max_pool_connections=32,
     )
     # a fresh session per client: the default session caches the credentials it read first
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region or "us-east-1", config=config
-    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def translate_s3_error(error: Exception, uri: str) -> Exception:

@@ -39,7 +39,14 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
         # Redis redelivers an unacknowledged task after this long: it must exceed the longest task.
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
+        # priority_steps: ten Redis lists per queue, 0 served first (see workers.producer.broker_priority)
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "task_default_priority": 4,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
     }

@@ -80,25 +80,59 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from pipeline.discover import Filters, read_list_file
     from pipeline.storage import open_storage
     from workers.producer import enqueue
     from workers.state import JobState
 
     settings = _settings(args)
+    sources = list(args.sources)
+    for list_file in args.from_file or []:
+        sources.extend(read_list_file(Path(list_file)))
+    if not sources:
+        raise ConfigError("nothing to enqueue: give files, directories, s3:// URIs or --from-file LIST")
+    filters = Filters(settings.media_extension_set(), tuple(args.include or ()), tuple(args.exclude or ()))
+    bar = _progress_bar(enabled=not args.json and sys.stderr.isatty())
     outcomes = enqueue(
-        args.sources,
+        sources,
         settings,
         open_storage(settings.storage_url, settings),
         JobState.from_url(settings.broker_url),
-        args.force,
+        force=args.force,
+        tag=args.tag,
+        priority=args.priority,
+        filters=filters,
+        progress=(lambda outcome: bar.update(1)) if bar else None,
     )
+    if bar:
+        bar.close()
     if args.json:
         print(json.dumps([o.to_dict() for o in outcomes], indent=2))
     else:
         for outcome in outcomes:
             detail = f" ({outcome.reason})" if outcome.reason else ""
             print(f"{outcome.status:<9} {outcome.job_id or '-'}  {outcome.source}{detail}")
-    return 1 if any(o.status == "rejected" for o in outcomes) else 0
+    counts = Counter(o.status for o in outcomes)
+    reasons = Counter(o.reason for o in outcomes if o.status == "skipped")
+    skipped = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    print(
+        f"enqueued {counts['enqueued']}, skipped {counts['skipped']}{f' ({skipped})' if skipped else ''}, "
+        f"rejected {counts['rejected']}",
+        file=sys.stderr,
+    )
+    for outcome in [o for o in outcomes if o.status == "rejected"][:20]:
+        print(f"  rejected: {outcome.reason}", file=sys.stderr)
+    return 1 if counts["rejected"] else 0
+
+
+def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="listing and enqueueing", unit=" files", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,9 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="processes for the media queue (default: CPU count)")
     worker.set_defaults(func=cmd_worker)
 
-    enqueue = commands.add_parser("enqueue", help="enqueue files for the workers; prints job ids")
-    enqueue.add_argument("sources", nargs="+", metavar="FILE_OR_URI")
+    enqueue = commands.add_parser("enqueue", help="enqueue files, directories or S3 prefixes; prints job ids")
+    enqueue.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI")
+    enqueue.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
+    enqueue.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
+    enqueue.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
     enqueue.add_argument("--force", action="store_true", help="run again even if already done with this config")
+    enqueue.add_argument("--tag", help="a label for this run, kept in manifests and the search index")
+    enqueue.add_argument("--priority", type=int, default=5, choices=range(10), metavar="0-9", help="9 = most urgent")
     enqueue.add_argument("--json", action="store_true")
     _model_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)

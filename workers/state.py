@@ -26,6 +26,21 @@ if n >= tonumber(ARGV[1]) then
 end
 return {n, 0}
 """
+# KEYS: job hash, chunks set, trigger, finalize claim, jobs index; ARGV: job_id, source, media_id, spec, now, tag
+# (Re)creates a job unless it is queued or running: two producers racing on one file enqueue it once.
+_CREATE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'ingesting' or status == 'running' or status == 'summarizing'
+   or status == 'finalizing' then
+  return status
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'source', ARGV[2], 'media_id', ARGV[3], 'spec', ARGV[4],
+           'status', 'queued', 'chunks_total', 0, 'error', '', 'created_at', ARGV[5], 'updated_at', ARGV[5],
+           'tag', ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+return 'created'
+"""
 # KEYS: claim; ARGV: token — delete only if we still hold it
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -40,6 +55,7 @@ class JobState:
         self.redis = client
         self._complete = client.register_script(_COMPLETE)
         self._release = client.register_script(_RELEASE)
+        self._create = client.register_script(_CREATE)
 
     @classmethod
     def from_url(cls, url: str) -> JobState:
@@ -49,29 +65,36 @@ class JobState:
     def key(job_id: str, part: str = "") -> str:
         return f"{PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
-    def create(self, job_id: str, source: str, media_id: str, spec: dict[str, Any]) -> None:
-        """(Re)start a job's state: forget chunks, triggers and claims of an earlier run."""
-        now = time.time()
-        with self.redis.pipeline() as pipe:
-            pipe.delete(
-                self.key(job_id), self.key(job_id, "chunks"), self.key(job_id, "trigger"), self.key(job_id, "finalize")
-            )
-            pipe.hset(
-                self.key(job_id),
-                mapping={
-                    "job_id": job_id,
-                    "source": source,
-                    "media_id": media_id,
-                    "status": "queued",
-                    "chunks_total": 0,
-                    "error": "",
-                    "created_at": now,
-                    "updated_at": now,
-                    "spec": json.dumps(spec),
-                },
-            )
-            pipe.zadd(JOBS_INDEX, {job_id: now})
-            pipe.execute()
+    def create(self, job_id: str, source: str, media_id: str, spec: dict[str, Any]) -> str:
+        """(Re)start a job's state, forgetting an earlier run's chunks, trigger and claims.
+
+        Returns "created", or the current status when the job is already queued or running (then nothing
+        changes: a second producer must not restart a running job).
+        """
+        return self.create_many([{**spec, "job_id": job_id, "source": source, "media_id": media_id}])[0]
+
+    def create_many(self, specs: list[dict[str, Any]]) -> list[str]:
+        """:meth:`create` for many jobs in one round trip (specs are ``JobSpec.to_dict()`` values)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for spec in specs:
+                job_id = spec["job_id"]
+                keys = [
+                    self.key(job_id),
+                    self.key(job_id, "chunks"),
+                    self.key(job_id, "trigger"),
+                    self.key(job_id, "finalize"),
+                    JOBS_INDEX,
+                ]
+                args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), time.time(), spec.get("tag") or ""]
+                self._create(keys=keys, args=args, client=pipe)
+            return [str(result) for result in pipe.execute()]
+
+    def statuses(self, job_ids: list[str]) -> list[str | None]:
+        """The status of many jobs in one round trip (None for unknown jobs)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.key(job_id), "status")
+            return pipe.execute()
 
     def set_status(self, job_id: str, status: str, **fields: Any) -> None:
         mapping = {"status": status, "updated_at": time.time(), **{k: _text(v) for k, v in fields.items()}}

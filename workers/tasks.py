@@ -23,6 +23,18 @@ from pipeline.storage import Storage, open_storage
 from workers.app import app
 from workers.state import JobState
 
+
+def task_repr(job_id: str, source: str, **extra: object) -> str:
+    """What Flower shows as a task's kwargs: the job, the source and a few numbers, never the whole spec."""
+    parts = [f"job_id={job_id!r}", f"source={source!r}", *(f"{k}={v!r}" for k, v in extra.items())]
+    return "{" + ", ".join(parts) + "}"
+
+
+def broker_priority(priority: int) -> int:
+    """omniq's priority (9 = most urgent) as the Redis transport's (0 is served first)."""
+    return 9 - max(0, min(9, priority))
+
+
 log = logging.getLogger(__name__)
 
 FINALIZE_CLAIM_SECONDS = 900
@@ -113,7 +125,9 @@ def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     for first in range(0, len(indices), size):
         group = indices[first : first + size]
         infer.apply_async(
-            kwargs={"job_id": job_id, "source": source, "chunks": group}, task_id=f"{job_id}-infer-{group[0]}"
+            kwargs={"job_id": job_id, "source": source, "chunks": group},
+            task_id=f"{job_id}-infer-{group[0]}",
+            priority=broker_priority(job_spec.priority),
         )
 
 
@@ -132,7 +146,11 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
     resend = _is_redelivery(self) and done >= len(plan.chunks) and current.get("status") == "running"
     if completed_job or resend:
         state().incr(job_id, "summarize_sent")
-        summarize.apply_async(kwargs={"job_id": job_id, "source": source}, task_id=f"{job_id}-summarize")
+        summarize.apply_async(
+            kwargs={"job_id": job_id, "source": source},
+            task_id=f"{job_id}-summarize",
+            priority=broker_priority(plan.spec.priority),
+        )
 
 
 @app.task(name="omniq.summarize", base=OmniqTask, bind=True)
@@ -146,7 +164,11 @@ def summarize(self: Task, job_id: str, source: str) -> None:
     started = time.monotonic()
     job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings()))
     state().add_timings(job_id, {"summarize_s": round(time.monotonic() - started, 3)})
-    finalize.apply_async(kwargs={"job_id": job_id, "source": source}, task_id=f"{job_id}-finalize")
+    finalize.apply_async(
+        kwargs={"job_id": job_id, "source": source},
+        task_id=f"{job_id}-finalize",
+        priority=broker_priority(plan.spec.priority),
+    )
 
 
 @app.task(name="omniq.finalize", base=OmniqTask, bind=True)

@@ -1,0 +1,141 @@
+"""Find the media to enqueue: files, directories (recursive), ``s3://bucket/prefix`` listings and list files.
+
+Discovery names each source and fingerprints it (size/mtime, or ETag/size from the S3 listing itself), so
+enqueueing a bucket of 10,000 objects costs one listing request per 1,000 objects, not one HEAD per object.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, OmniqError
+from pipeline.sources import SourceRef, local_path, resolve_source
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """One candidate: a named, fingerprinted source, or the reason it was rejected."""
+
+    uri: str
+    ref: SourceRef | None = None
+    rejected: str | None = None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which files a directory or prefix expands to. Explicitly named files are always taken."""
+
+    extensions: frozenset[str]
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def wants(self, relative: str) -> bool:
+        name = PurePosixPath(relative).name
+        if name.startswith(".") or relative.endswith("/"):
+            return False
+        matches = lambda patterns: any(  # noqa: E731
+            fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns
+        )
+        if self.exclude and matches(self.exclude):
+            return False
+        if self.include:
+            return matches(self.include)
+        return PurePosixPath(name).suffix.lower() in self.extensions
+
+
+def read_list_file(path: Path) -> Iterator[str]:
+    """URIs from a list file: one per line, or JSON lines with a ``uri`` field; blank and ``#`` lines skipped."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"--from-file {path}: cannot read it ({error.strerror})") from error
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                uri = json.loads(line).get("uri")
+            except (json.JSONDecodeError, AttributeError) as error:
+                raise ConfigError(f"--from-file {path}:{number}: not valid JSON ({error})") from error
+            if not isinstance(uri, str) or not uri:
+                raise ConfigError(f'--from-file {path}:{number}: a JSON line needs a "uri" string')
+            yield uri
+        else:
+            yield line
+
+
+def _walk_directory(root: Path, filters: Filters, settings: Settings) -> Iterator[Discovered]:
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(directory) / name
+            if filters.wants(path.relative_to(root).as_posix()):
+                yield _local(str(path), settings)
+
+
+def _local(uri: str, settings: Settings) -> Discovered:
+    try:
+        return Discovered(uri, resolve_source(uri, settings))
+    except OmniqError as error:
+        return Discovered(uri, rejected=str(error))
+
+
+def _is_s3_prefix(uri: str, filters: Filters) -> bool:
+    key = urlparse(uri).path.lstrip("/")
+    return not key or key.endswith("/") or PurePosixPath(key).suffix.lower() not in filters.extensions
+
+
+def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[Discovered]:
+    """Every object under ``s3://bucket/prefix`` that the filters want, fingerprinted from the listing."""
+    from pipeline.storage import s3_client, translate_s3_error
+
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    paginator = s3_client(settings).get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
+            for item in page.get("Contents", []):
+                key, size = item["Key"], int(item.get("Size", 0))
+                if size == 0 or not filters.wants(key[len(prefix) :].lstrip("/") or key):
+                    continue
+                etag = str(item.get("ETag", "")).strip('"')
+                yield Discovered(
+                    f"s3://{bucket}/{key}", SourceRef(f"s3://{bucket}/{key}", f"etag={etag};size={size}", size)
+                )
+    except Exception as error:
+        translated = translate_s3_error(error, uri)
+        if translated is error:
+            raise
+        yield Discovered(uri, rejected=str(translated))
+
+
+def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iterator[Discovered]:
+    """Expand inputs in order: directories and S3 prefixes into their media, files and objects as given."""
+    for uri in inputs:
+        path = local_path(uri)
+        if path is not None:
+            path = path.expanduser()
+            if path.is_dir():
+                yield from _walk_directory(path, filters, settings)
+            else:
+                yield _local(uri, settings)
+        elif urlparse(uri).scheme == "s3":
+            if not urlparse(uri).netloc:
+                yield Discovered(uri, rejected=f"{uri}: no bucket; use s3://BUCKET/PREFIX")
+            elif _is_s3_prefix(uri, filters):
+                yield from list_s3_prefix(uri, settings, filters)
+            else:
+                try:
+                    yield Discovered(uri, resolve_source(uri, settings))
+                except OmniqError as error:
+                    yield Discovered(uri, rejected=str(error))
+        else:
+            yield Discovered(uri, rejected=f"{uri}: unsupported source; give a path, a directory or s3://bucket/key")
