@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from pipeline.media.plan import Chunk
 from pipeline.media.probe import MediaInfo, check_limits, probe_media
 from pipeline.sources import SourceRef, fetch_source, job_id_for, resolve_source
 from pipeline.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.search import SearchIndex
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +468,22 @@ class JobOutcome:
         }
 
 
-def run_job(source: str, settings: Settings, storage: Storage, engine: Engine) -> JobOutcome:
+def update_index(index: SearchIndex | None, storage: Storage, media_id: str) -> None:
+    """Add a finished job to the search index (or drop a failed one). The store stays the source of truth:
+    an index failure is logged, never fails the job, and ``omniq index rebuild`` repairs it."""
+    if index is None:
+        return
+    from pipeline.search import index_media
+
+    try:
+        index_media(storage, media_id, index)
+    except OmniqError as error:
+        log.warning("could not index %s (run 'omniq index rebuild' later): %s", media_id, error)
+
+
+def run_job(
+    source: str, settings: Settings, storage: Storage, engine: Engine, index: SearchIndex | None = None
+) -> JobOutcome:
     """Run every step in this process. Permanent errors become a failed manifest, not an exception."""
     try:
         spec = make_spec(source, settings)
@@ -486,6 +504,8 @@ def run_job(source: str, settings: Settings, storage: Storage, engine: Engine) -
     except OmniqError as error:
         log.warning("job %s for %s failed: %s", spec.job_id, spec.source, error)
         manifest = write_failure(spec, storage, settings, error, timings)
+        update_index(index, storage, spec.media_id)
         return JobOutcome(spec.source, spec.media_id, "failed", None, manifest["error"], manifest)
+    update_index(index, storage, spec.media_id)
     result_uri = storage.uri(results_prefix(spec.media_id))
     return JobOutcome(spec.source, spec.media_id, "done", result_uri, None, manifest)

@@ -29,14 +29,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engines.omni import OmniEngine
     from pipeline.job import run_job
+    from pipeline.search import open_index
     from pipeline.storage import open_storage
 
-    settings = _settings(args)
+    settings = _settings(args).model_copy(update={"storage_url": args.out})
     storage = open_storage(args.out, settings)
     engine = OmniEngine(settings)
+    index = open_index(settings.index_url, settings)
     outcomes = []
     for source in args.sources:
-        outcome = run_job(source, settings, storage, engine)
+        outcome = run_job(source, settings, storage, engine, index)
         outcomes.append(outcome)
         if not args.json:
             print(_outcome_line(outcome), flush=True)
@@ -217,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=50)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    from workers.cli_search import add_commands as add_search_commands
+
+    add_search_commands(commands)
 
     sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
     sample.add_argument("path")

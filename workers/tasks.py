@@ -56,6 +56,14 @@ def state() -> JobState:
 
 
 @cache
+def search_index():  # type: ignore[no-untyped-def]
+    """The search index finished jobs are added to (opened lazily in the worker process, after the fork)."""
+    from pipeline.search import open_index
+
+    return open_index(settings().index_url, settings())
+
+
+@cache
 def engine() -> Engine:
     """One model per worker process, loaded on first use (not in worker_process_init)."""
     from pipeline.engines.omni import OmniEngine
@@ -86,8 +94,17 @@ class OmniqTask(Task):
         try:
             spec = job.JobSpec.from_dict(kwargs["spec"]) if "spec" in kwargs else _spec(job_id)
             job.write_failure(spec, storage(), settings(), exc, state().timings(job_id))
+            job.update_index(_index_or_none(), storage(), spec.media_id)
         finally:
             state().set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _index_or_none():  # type: ignore[no-untyped-def]
+    try:
+        return search_index()
+    except OmniqError as error:  # a broken index must not fail jobs; 'omniq index rebuild' repairs it
+        log.warning("search index unavailable: %s", error)
+        return None
 
 
 def _spec(job_id: str) -> job.JobSpec:
@@ -189,5 +206,6 @@ def finalize(self: Task, job_id: str, source: str) -> None:
         timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
         job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
         state().set_status(job_id, "done")
+        job.update_index(_index_or_none(), storage(), plan.spec.media_id)
     finally:
         state().release(job_id, "finalize", token)

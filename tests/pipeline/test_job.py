@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,18 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     assert all(set(o) == {"source", "media_id", "status", "result_uri", "error"} for o in outcomes)
     assert "bad.mkv" in outcomes[1]["error"]
     assert "random" in completed.stderr  # the console says the tiny model's text is random
+    # the finished file went into the search index beside the results
+    transcript = json.loads((tmp_path / "out" / "results" / outcomes[0]["media_id"] / "transcript.json").read_text())
+    word = max(re.findall(r"[^\W_]+", transcript["segments"][0]["text"]), key=len)
+    search = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "search", word, "--json"],
+        capture_output=True,
+        text=True,
+        env={**env, "OMNIQ_STORAGE_URL": str(tmp_path / "out")},
+        timeout=120,
+    )
+    assert (tmp_path / "out" / "index.sqlite").is_file()
+    assert outcomes[0]["media_id"] in {hit["media_id"] for hit in json.loads(search.stdout)}, search.stderr
     completed = subprocess.run(
         command[:-3] + ["--chunk-seconds", "10"], capture_output=True, text=True, env=env, timeout=300
     )

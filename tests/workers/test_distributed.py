@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
         "OMNIQ_STORAGE_URL": f"s3://{bucket}/lib",
         "OMNIQ_S3_ENDPOINT_URL": s3_server.endpoint_url,
         "OMNIQ_CACHE_DIR": str(tiny_cache_dir),
+        "OMNIQ_INDEX_URL": f"sqlite:///{logs}/index.sqlite",
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
         "AWS_DEFAULT_REGION": s3_server.region,
@@ -97,6 +99,12 @@ def _wait(cluster, job_ids, timeout=240.0):
     raise AssertionError(f"jobs not finished in {timeout}s: {[cluster['state'].get(j) for j in job_ids]}\n{logs}")
 
 
+def _cli(cluster, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=cluster["env"], timeout=120
+    )
+
+
 def _manifest(cluster, media_id):
     return json.loads(cluster["storage"].get_bytes(f"results/{media_id}/manifest.json"))
 
@@ -112,7 +120,7 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
         str(make_sample(tmp_path / "silent.mp4", 12.0, audio=False)),
         f"s3://{cluster['bucket']}/incoming/podcast.mp3",
     ]
-    outcomes = enqueue(sources, cluster["settings"], cluster["storage"], cluster["state"])
+    outcomes = enqueue(sources, cluster["settings"], cluster["storage"], cluster["state"], tag="batch-1", priority=7)
     assert [o.status for o in outcomes] == ["enqueued"] * 4
     jobs = _wait(cluster, [o.job_id for o in outcomes])
     talk, bad, silent, podcast = (jobs[o.job_id] for o in outcomes)
@@ -128,6 +136,7 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
         assert {k.rsplit("/", 1)[1] for k in keys} == set(job.RESULT_FILES)
         manifest = _manifest(cluster, good["media_id"])
         assert manifest["status"] == "done" and manifest["random_weights"] is True
+        assert manifest["tag"] == "batch-1"
         assert manifest["outputs"]["transcript.srt"].startswith(f"s3://{cluster['bucket']}/lib/results/")
         assert list(cluster["storage"].list_keys(f"work/{good['job_id']}")) == []
     assert _manifest(cluster, podcast["media_id"])["source"] == sources[3]
@@ -135,6 +144,16 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
     assert json.loads(cluster["storage"].get_bytes(f"results/{talk['media_id']}/captions.json"))["chunks"][2][
         "end"
     ] == pytest.approx(23.0, abs=0.1)
+
+    # finished jobs are searchable: a word of the (random) transcript finds its segment and time span
+    segment = json.loads(cluster["storage"].get_bytes(f"results/{podcast['media_id']}/transcript.json"))["segments"][0]
+    word = max(re.findall(r"[^\W_]+", segment["text"]), key=len)
+    found = _cli(cluster, "search", word, "--json", "--limit", "50")
+    hits = [h for h in json.loads(found.stdout) if h["media_id"] == podcast["media_id"] and h["kind"] == "transcript"]
+    assert any(h["start"] == segment["start"] and h["end"] == segment["end"] for h in hits), found.stdout
+    assert not any(h["media_id"] == bad["media_id"] for h in json.loads(found.stdout))
+    rebuilt = _cli(cluster, "index", "rebuild")
+    assert rebuilt.returncode == 0 and "3" in rebuilt.stdout + rebuilt.stderr  # the three done files
 
     # the same files again: nothing to do, unless forced
     again = enqueue(sources[:1], cluster["settings"], cluster["storage"], cluster["state"])

@@ -1,0 +1,181 @@
+"""``omniq search`` and ``omniq index rebuild`` on a real results directory and a real SQLite index."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+
+from pipeline.errors import SourceNotFound
+from pipeline.search import HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN, SearchHit
+from pipeline.storage import LocalStorage
+from tests.pipeline.test_search import write_results
+from workers.cli_search import add_commands, clock, excerpt, hit_line
+
+
+def omniq(*argv: str) -> int:
+    """Parse and run like ``omniq``, with only the search commands (whatever workers/cli.py wires)."""
+    parser = argparse.ArgumentParser(prog="omniq")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A results directory as ``OMNIQ_STORAGE_URL`` with two done jobs and a failed one, indexed."""
+    monkeypatch.setenv("OMNIQ_STORAGE_URL", f"file://{tmp_path / 'data'}")
+    monkeypatch.delenv("OMNIQ_INDEX_URL", raising=False)
+    storage = LocalStorage(tmp_path / "data")
+    write_results(
+        storage,
+        "talk",
+        source="/videos/talk.mp4",
+        tag="week1",
+        segments=[(3605.0, 3611.4, "the rocket lifted off and the rocket flew"), (0.0, 4.0, "good morning")],
+        captions=[(3600.0, 3630.0, "a rocket on a launch pad", "a loud roar")],
+        chunk_summaries=[(3600.0, 3630.0, "A rocket launch.")],
+        summary="A video about a rocket launch.",
+        duration=3700.0,
+    )
+    write_results(storage, "walk", source="s3://bucket/walk.mov", segments=[(0.0, 9.0, "a walk in the park")])
+    write_results(storage, "bad", status="failed")
+    assert omniq("index", "rebuild") == 0
+    return storage
+
+
+def test_rebuild_reports_counts_and_puts_the_index_beside_local_results(store, tmp_path, capsys):
+    capsys.readouterr()
+    assert omniq("index", "rebuild") == 0  # again: the same counts, nothing duplicated
+    out = capsys.readouterr().out
+    assert "indexed 2 done jobs (6 entries)" in out and f"{tmp_path}/data/index.sqlite" in out
+    assert "the index holds 6 entries" in out
+    assert (tmp_path / "data" / "index.sqlite").is_file()
+
+
+def test_search_json_has_exactly_the_documented_keys(store, capsys):
+    capsys.readouterr()
+    assert omniq("search", "rocket", "--json") == 0
+
+    hits = json.loads(capsys.readouterr().out)
+
+    assert {tuple(sorted(hit)) for hit in hits} == {("end", "kind", "media_id", "score", "source", "start", "text")}
+    transcript = next(hit for hit in hits if hit["kind"] == "transcript")
+    assert transcript == {
+        "media_id": "talk",
+        "source": "/videos/talk.mp4",
+        "kind": "transcript",
+        "text": "the rocket lifted off and the rocket flew",
+        "start": 3605.0,
+        "end": 3611.4,
+        "score": transcript["score"],
+    }
+    assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    assert {hit["kind"] for hit in hits} == {"transcript", "caption", "summary"}
+
+
+def test_search_limit_and_tag(store, capsys):
+    capsys.readouterr()
+    assert omniq("search", "rocket", "--limit", "2", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert omniq("search", "a", "--tag", "week1", "--json") == 0
+    assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"talk"}
+    with pytest.raises(SystemExit):
+        omniq("search", "rocket", "--limit", "0")
+
+
+def test_search_prints_one_line_per_hit_with_markers_when_piped(store, capsys):
+    capsys.readouterr()
+    assert omniq("search", "rocket", "lifted") == 0
+
+    (line,) = capsys.readouterr().out.splitlines()
+
+    assert line.split()[1:3] == ["transcript", "/videos/talk.mp4@01:00:05-01:00:12"]
+    assert line.endswith(
+        f"the {HIGHLIGHT_OPEN}rocket{HIGHLIGHT_CLOSE} {HIGHLIGHT_OPEN}lifted{HIGHLIGHT_CLOSE} off and "
+        f"the {HIGHLIGHT_OPEN}rocket{HIGHLIGHT_CLOSE} flew"
+    )
+    assert float(line.split()[0]) > 0
+
+
+def test_search_uses_bold_on_a_terminal(store, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    assert omniq("search", "park") == 0
+    assert terminal.getvalue().rstrip().endswith("a walk in the \x1b[1mpark\x1b[22m")
+
+
+def test_search_words_are_never_syntax(store, capsys):
+    for query in ('"AND OR (', "c++", "NEAR(rocket", "rocket*", "'; DROP TABLE entries; --"):
+        assert omniq("search", query, "--json") == 0
+        assert isinstance(json.loads(capsys.readouterr().out), list)
+
+
+def test_no_hits_and_empty_queries(store, capsys):
+    capsys.readouterr()
+    assert omniq("search", "submarine") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no matches for 'submarine'" in captured.err
+    assert omniq("search", "  ") == 2
+    assert "search query '  ' is empty" in capsys.readouterr().err
+
+
+def test_rebuild_drops_deleted_media_and_reports_unreadable_ones(store, capsys):
+    store.delete_prefix("results/walk")
+    store.put_bytes("results/talk/summary.json", b"not json")
+    capsys.readouterr()
+
+    assert omniq("index", "rebuild") == 1
+
+    captured = capsys.readouterr()
+    assert "indexed 0 done jobs (0 entries)" in captured.out and "1 unreadable jobs skipped" in captured.out
+    assert "skipped talk" in captured.err and "not valid JSON" in captured.err
+    assert omniq("search", "rocket", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_index_option_and_a_missing_index(store, tmp_path, capsys):
+    other = tmp_path / "other.sqlite"
+    with pytest.raises(SourceNotFound, match="omniq index rebuild"):
+        omniq("search", "rocket", "--index", f"sqlite://{other}")
+    assert not other.exists()
+    assert omniq("index", "rebuild", "--index", f"sqlite://{other}") == 0
+    capsys.readouterr()
+    assert omniq("search", "rocket", "--index", f"sqlite://{other}", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+
+
+def test_index_needs_an_action():
+    with pytest.raises(SystemExit):
+        omniq("index")
+
+
+def test_the_omniq_command_has_search_once_wired():
+    from workers.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "search" not in commands.choices:
+        pytest.skip("workers/cli.py does not call workers.cli_search.add_commands yet")
+    assert "index" in commands.choices
+
+
+def test_clock_and_excerpt():
+    assert clock(3605.9) == "01:00:05" and clock(3611.4, round_up=True) == "01:00:12"
+    assert clock(0.0) == "00:00:00" and clock(-1.0) == "00:00:00"
+    text = "x" * 300 + " rocket " + "y" * 300
+    cut, spans = excerpt(text, ((301, 307),), width=100)
+    assert cut.startswith("…") and cut.endswith("…") and len(cut) == 102
+    assert [cut[a:b] for a, b in spans] == ["rocket"]
+    assert excerpt("short rocket", ((6, 12),)) == ("short rocket", [(6, 12)])
+
+
+def test_stored_text_cannot_send_terminal_escapes():
+    hit = SearchHit("m", "src\x1b[2J", "transcript", "evil \x1b[2J text", 0.0, 1.0, 1.0, "", spans=((0, 4),))
+    line = hit_line(hit, bold=True)
+    assert "\x1b[2J" not in line and "\x1b[1m" not in line
