@@ -8,164 +8,81 @@ a step that finds its output already written reuses it.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import __version__, assemble, prompts
+from pipeline import prompts
 from pipeline.assemble import ChunkResult
 from pipeline.config import Settings, config_hash_of
 from pipeline.engines.base import Engine, GenerationRequest
-from pipeline.errors import ConfigError, OmniqError
+from pipeline.errors import OmniqError
+from pipeline.finalize import (
+    CONTENT_TYPES,
+    RANDOM_NOTICE,
+    RESULT_FILES,
+    finalize,
+    finished_manifest,
+    write_failure,
+)
 from pipeline.media import extract, plan
 from pipeline.media.plan import Chunk
-from pipeline.media.probe import MediaInfo, check_limits, probe_media
-from pipeline.sources import SourceRef, fetch_source, job_id_for, resolve_source
+from pipeline.media.probe import check_limits, probe_media
+from pipeline.sources import fetch_source
+from pipeline.spec import (
+    JobPlan,
+    JobSpec,
+    chunk_prefix,
+    get_json,
+    load_plan,
+    make_spec,
+    put_json,
+    results_prefix,
+    settings_for,
+    work_prefix,
+)
 from pipeline.storage import Storage
+
+# Re-exported: callers drive a job through this one module.
+__all__ = [
+    "CONTENT_TYPES",
+    "RANDOM_NOTICE",
+    "RESULT_FILES",
+    "JobOutcome",
+    "JobPlan",
+    "JobSpec",
+    "config_hash_of",
+    "finalize",
+    "finished_manifest",
+    "infer_chunks",
+    "ingest",
+    "load_plan",
+    "make_spec",
+    "results_prefix",
+    "run_job",
+    "settings_for",
+    "summarize",
+    "update_index",
+    "work_prefix",
+    "write_failure",
+]
 
 if TYPE_CHECKING:
     from pipeline.search import SearchIndex
 
 log = logging.getLogger(__name__)
 
-RANDOM_NOTICE = (
-    "Written by the tiny random-weight test model: this text is random and says nothing about the media. "
-    "Use a real checkpoint (--model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path) for real output."
-)
-RESULT_FILES = (
-    "transcript.json",
-    "transcript.srt",
-    "transcript.vtt",
-    "transcript.txt",
-    "captions.json",
-    "summary.json",
-    "manifest.json",
-)
-CONTENT_TYPES = {".json": "application/json", ".srt": "application/x-subrip", ".vtt": "text/vtt", ".txt": "text/plain"}
-
-
-@dataclass
-class JobSpec:
-    """What a queue message carries: references and the settings that shape the outputs, never media."""
-
-    job_id: str
-    media_id: str
-    source: str  # the URI the user gave, normalised
-    input_uri: str  # where the bytes are read (the source, or its uploaded copy)
-    fingerprint: str
-    config: dict[str, Any]
-    tag: str | None = None  # a per-run label (``--tag``); recorded in the manifest and the index
-    priority: int = 5  # 0 (lowest) .. 9 (most urgent)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        return cls(**data)
-
-
-@dataclass
-class JobPlan:
-    """The outcome of ingest, stored at ``work/<job>/plan.json`` for the later steps."""
-
-    spec: JobSpec
-    info: MediaInfo
-    chunks: list[Chunk]
-    fps: float
-    frame_shape: list[int] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec.to_dict(),
-            "info": self.info.to_dict(),
-            "chunks": [c.to_dict() for c in self.chunks],
-            "fps": self.fps,
-            "frame_shape": self.frame_shape,
-            "timings": self.timings,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobPlan:
-        return cls(
-            JobSpec.from_dict(data["spec"]),
-            MediaInfo.from_dict(data["info"]),
-            [Chunk.from_dict(c) for c in data["chunks"]],
-            float(data["fps"]),
-            data.get("frame_shape"),
-            dict(data.get("timings", {})),
-        )
-
-
-def work_prefix(job_id: str) -> str:
-    return f"work/{job_id}"
-
-
-def chunk_prefix(job_id: str, index: int) -> str:
-    return f"work/{job_id}/chunks/{index:05d}"
-
-
-def results_prefix(media_id: str) -> str:
-    return f"results/{media_id}"
-
-
-def make_spec(
-    source: str,
-    settings: Settings,
-    input_uri: str | None = None,
-    ref: SourceRef | None = None,
-    tag: str | None = None,
-    priority: int = 5,
-) -> JobSpec:
-    """Name a job: deterministic ids from the source fingerprint and the effective config.
-
-    The tag and priority do not change outputs, so they are not part of the job id.
-    """
-    ref = ref or resolve_source(source, settings)
-    return JobSpec(
-        job_id=job_id_for(ref.media_id, settings.config_hash()),
-        media_id=ref.media_id,
-        source=ref.uri,
-        input_uri=input_uri or ref.uri,
-        fingerprint=ref.fingerprint,
-        config=settings.effective_config(),
-        tag=tag,
-        priority=priority,
-    )
-
-
-def settings_for(spec: JobSpec, settings: Settings) -> Settings:
-    """The worker's settings with the job's output-shaping config applied (the job was named with it)."""
-    wanted = {k: v for k, v in spec.config.items() if k in Settings.model_fields and k != "model"}
-    if spec.config.get("model") not in (None, settings.model):
-        raise ConfigError(
-            f"job {spec.job_id} was enqueued for model {spec.config.get('model')!r} but this worker runs "
-            f"{settings.model!r}; start a worker with OMNIQ_MODEL={spec.config.get('model')}"
-        )
-    return settings.model_copy(update=wanted)
-
-
-def _put_json(storage: Storage, key: str, document: Any) -> None:
-    storage.put_bytes(key, assemble.dumps(document), "application/json")
-
-
-def _get_json(storage: Storage, key: str) -> Any:
-    return json.loads(storage.get_bytes(key))
-
 
 def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
     """Probe, check limits, decode once, plan chunks at silences and store each chunk's frames and audio."""
     plan_key = f"{work_prefix(spec.job_id)}/plan.json"
     if storage.exists(plan_key):
-        return JobPlan.from_dict(_get_json(storage, plan_key))
+        return JobPlan.from_dict(get_json(storage, plan_key))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="omniq-ingest-") as temp:
         directory = Path(temp)
@@ -209,15 +126,11 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
                 extract.write_wav(buffer, np.asarray(samples[first:last]))
                 storage.put_bytes(f"{prefix}/audio.wav", buffer.getvalue(), "audio/wav")
             chunk_doc = {**chunk.to_dict(), "fps": settings.fps, "frames": len(frames), "has_audio": has_audio}
-            _put_json(storage, f"{prefix}/chunk.json", chunk_doc)
+            put_json(storage, f"{prefix}/chunk.json", chunk_doc)
         timings = {"ingest_s": round(time.monotonic() - started, 3), "ffmpeg_s": round(media.seconds, 3)}
         job_plan = JobPlan(spec, info, chunks, settings.fps, frame_shape, timings)
-    _put_json(storage, plan_key, job_plan.to_dict())
+    put_json(storage, plan_key, job_plan.to_dict())
     return job_plan
-
-
-def load_plan(storage: Storage, job_id: str) -> JobPlan:
-    return JobPlan.from_dict(_get_json(storage, f"{work_prefix(job_id)}/plan.json"))
 
 
 @dataclass
@@ -234,7 +147,7 @@ def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: 
 
     chunk = job_plan.chunks[index]
     prefix = chunk_prefix(job_plan.spec.job_id, index)
-    doc = _get_json(storage, f"{prefix}/chunk.json")
+    doc = get_json(storage, f"{prefix}/chunk.json")
     frames = None
     if doc["frames"]:
         images = []
@@ -273,7 +186,7 @@ def infer_chunks(
     for index in indices:
         key = f"{chunk_prefix(job_id, index)}/result.json"
         if storage.exists(key):
-            done[index] = ChunkResult.from_dict(_get_json(storage, key))
+            done[index] = ChunkResult.from_dict(get_json(storage, key))
         else:
             todo.append(load_chunk_media(storage, job_plan, index, settings))
     if todo:
@@ -301,7 +214,7 @@ def infer_chunks(
         ]
         _run(engine, summaries, results, todo)
         for index, result in results.items():
-            _put_json(storage, f"{chunk_prefix(job_id, index)}/result.json", result.to_dict())
+            put_json(storage, f"{chunk_prefix(job_id, index)}/result.json", result.to_dict())
             done[index] = result
     return [done[index] for index in indices]
 
@@ -332,9 +245,9 @@ def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Set
     """The file summary from the chunk summaries; stored at ``work/<job>/summary.json``."""
     key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
     if storage.exists(key):
-        return _get_json(storage, key)
+        return get_json(storage, key)
     chunks = [
-        ChunkResult.from_dict(_get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
+        ChunkResult.from_dict(get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
         for c in job_plan.chunks
     ]
     request = prompts.file_summary_request(
@@ -347,104 +260,8 @@ def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Set
         "random_weights": bool(engine.random_weights),
         "seconds": round(answer.seconds, 3),
     }
-    _put_json(storage, key, document)
+    put_json(storage, key, document)
     return document
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _base_manifest(spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    return {
-        "status": None,
-        "source": spec.source,
-        "media_id": spec.media_id,
-        "job_id": spec.job_id,
-        "input_uri": spec.input_uri,
-        "fingerprint": spec.fingerprint,
-        "config_hash": config_hash_of(spec.config),
-        "model": spec.config.get("model", settings.model),
-        "tag": spec.tag,
-        "prompt_version": prompts.PROMPT_VERSION,
-        "settings": spec.config,
-        "omniq_version": __version__,
-    }
-
-
-def finalize(
-    job_plan: JobPlan, storage: Storage, settings: Settings, timings: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Assemble and write the result files; the manifest is written last and marks the job done."""
-    spec = job_plan.spec
-    started = time.monotonic()
-    chunks = [
-        ChunkResult.from_dict(_get_json(storage, f"{chunk_prefix(spec.job_id, c.index)}/result.json"))
-        for c in job_plan.chunks
-    ]
-    summary = _get_json(storage, f"{work_prefix(spec.job_id)}/summary.json")
-    segments = assemble.transcript_segments(chunks)
-    documents: dict[str, bytes] = {
-        "transcript.json": assemble.dumps(assemble.transcript_doc(segments, settings.language)),
-        "transcript.srt": assemble.to_srt(segments).encode(),
-        "transcript.vtt": assemble.to_vtt(segments).encode(),
-        "transcript.txt": assemble.to_txt(segments).encode(),
-        "captions.json": assemble.dumps(assemble.captions_doc(chunks)),
-        "summary.json": assemble.dumps(assemble.summary_doc(summary["summary"], chunks)),
-    }
-    prefix = results_prefix(spec.media_id)
-    for name, data in documents.items():
-        storage.put_bytes(f"{prefix}/{name}", data, CONTENT_TYPES[Path(name).suffix])
-    all_timings = {**job_plan.timings, **(timings or {})}
-    all_timings["model_s"] = round(sum(c.model_seconds for c in chunks) + float(summary.get("seconds", 0)), 3)
-    all_timings["finalize_s"] = round(time.monotonic() - started, 3)
-    manifest = _base_manifest(spec, settings) | {
-        "status": "done",
-        "duration_s": job_plan.info.duration_s,
-        "chunks": len(job_plan.chunks),
-        "model": summary.get("model", spec.config.get("model")),
-        "random_weights": bool(summary.get("random_weights")),
-        "media": job_plan.info.to_dict(),
-        "timings": all_timings,
-        "tokens": sum(c.new_tokens for c in chunks),
-        "error": None,
-        "finished_at": _now(),
-        "outputs": {name: storage.uri(f"{prefix}/{name}") for name in RESULT_FILES},
-    }
-    if manifest["random_weights"]:
-        manifest["notice"] = RANDOM_NOTICE
-    _put_json(storage, f"{prefix}/manifest.json", manifest)
-    if not settings.keep_work:
-        storage.delete_prefix(work_prefix(spec.job_id))
-    return manifest
-
-
-def write_failure(
-    spec: JobSpec, storage: Storage, settings: Settings, error: BaseException, timings: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Record a failed job: a manifest with the reason, so status and results say why."""
-    manifest = _base_manifest(spec, settings) | {
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "timings": timings or {},
-        "finished_at": _now(),
-        "outputs": {},
-    }
-    _put_json(storage, f"{results_prefix(spec.media_id)}/manifest.json", manifest)
-    if not settings.keep_work:
-        storage.delete_prefix(work_prefix(spec.job_id))
-    return manifest
-
-
-def finished_manifest(storage: Storage, media_id: str, config_hash: str) -> dict[str, Any] | None:
-    """The manifest of a finished (done) job for this media and config, if there is one."""
-    key = f"{results_prefix(media_id)}/manifest.json"
-    if not storage.exists(key):
-        return None
-    manifest = _get_json(storage, key)
-    if manifest.get("status") == "done" and manifest.get("config_hash") == config_hash:
-        return manifest
-    return None
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""The last step: result files and the manifest (written last, it marks the job done or failed)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__, assemble, prompts
+from pipeline.assemble import ChunkResult
+from pipeline.config import Settings, config_hash_of
+from pipeline.spec import JobPlan, JobSpec, chunk_prefix, get_json, put_json, results_prefix, work_prefix
+from pipeline.storage import Storage
+
+RANDOM_NOTICE = (
+    "Written by the tiny random-weight test model: this text is random and says nothing about the media. "
+    "Use a real checkpoint (--model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path) for real output."
+)
+RESULT_FILES = (
+    "transcript.json",
+    "transcript.srt",
+    "transcript.vtt",
+    "transcript.txt",
+    "captions.json",
+    "summary.json",
+    "manifest.json",
+)
+CONTENT_TYPES = {".json": "application/json", ".srt": "application/x-subrip", ".vtt": "text/vtt", ".txt": "text/plain"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _base_manifest(spec: JobSpec, settings: Settings) -> dict[str, Any]:
+    return {
+        "status": None,
+        "source": spec.source,
+        "media_id": spec.media_id,
+        "job_id": spec.job_id,
+        "input_uri": spec.input_uri,
+        "fingerprint": spec.fingerprint,
+        "config_hash": config_hash_of(spec.config),
+        "model": spec.config.get("model", settings.model),
+        "tag": spec.tag,
+        "prompt_version": prompts.PROMPT_VERSION,
+        "settings": spec.config,
+        "omniq_version": __version__,
+    }
+
+
+def finalize(
+    job_plan: JobPlan, storage: Storage, settings: Settings, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Assemble and write the result files; the manifest is written last and marks the job done."""
+    spec = job_plan.spec
+    started = time.monotonic()
+    chunks = [
+        ChunkResult.from_dict(get_json(storage, f"{chunk_prefix(spec.job_id, c.index)}/result.json"))
+        for c in job_plan.chunks
+    ]
+    summary = get_json(storage, f"{work_prefix(spec.job_id)}/summary.json")
+    segments = assemble.transcript_segments(chunks)
+    documents: dict[str, bytes] = {
+        "transcript.json": assemble.dumps(assemble.transcript_doc(segments, settings.language)),
+        "transcript.srt": assemble.to_srt(segments).encode(),
+        "transcript.vtt": assemble.to_vtt(segments).encode(),
+        "transcript.txt": assemble.to_txt(segments).encode(),
+        "captions.json": assemble.dumps(assemble.captions_doc(chunks)),
+        "summary.json": assemble.dumps(assemble.summary_doc(summary["summary"], chunks)),
+    }
+    prefix = results_prefix(spec.media_id)
+    for name, data in documents.items():
+        storage.put_bytes(f"{prefix}/{name}", data, CONTENT_TYPES[Path(name).suffix])
+    all_timings = {**job_plan.timings, **(timings or {})}
+    all_timings["model_s"] = round(sum(c.model_seconds for c in chunks) + float(summary.get("seconds", 0)), 3)
+    all_timings["finalize_s"] = round(time.monotonic() - started, 3)
+    manifest = _base_manifest(spec, settings) | {
+        "status": "done",
+        "duration_s": job_plan.info.duration_s,
+        "chunks": len(job_plan.chunks),
+        "model": summary.get("model", spec.config.get("model")),
+        "random_weights": bool(summary.get("random_weights")),
+        "media": job_plan.info.to_dict(),
+        "timings": all_timings,
+        "tokens": sum(c.new_tokens for c in chunks),
+        "error": None,
+        "finished_at": _now(),
+        "outputs": {name: storage.uri(f"{prefix}/{name}") for name in RESULT_FILES},
+    }
+    if manifest["random_weights"]:
+        manifest["notice"] = RANDOM_NOTICE
+    put_json(storage, f"{prefix}/manifest.json", manifest)
+    if not settings.keep_work:
+        storage.delete_prefix(work_prefix(spec.job_id))
+    return manifest
+
+
+def write_failure(
+    spec: JobSpec, storage: Storage, settings: Settings, error: BaseException, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Record a failed job: a manifest with the reason, so status and results say why."""
+    manifest = _base_manifest(spec, settings) | {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "timings": timings or {},
+        "finished_at": _now(),
+        "outputs": {},
+    }
+    put_json(storage, f"{results_prefix(spec.media_id)}/manifest.json", manifest)
+    if not settings.keep_work:
+        storage.delete_prefix(work_prefix(spec.job_id))
+    return manifest
+
+
+def finished_manifest(storage: Storage, media_id: str, config_hash: str) -> dict[str, Any] | None:
+    """The manifest of a finished (done) job for this media and config, if there is one."""
+    key = f"{results_prefix(media_id)}/manifest.json"
+    if not storage.exists(key):
+        return None
+    manifest = get_json(storage, key)
+    if manifest.get("status") == "done" and manifest.get("config_hash") == config_hash:
+        return manifest
+    return None
