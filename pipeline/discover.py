@@ -12,11 +12,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError
 from pipeline.sources import SourceRef, local_path, resolve_source
+from pipeline.storage import split_s3_uri
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _local(uri: str, settings: Settings) -> Discovered:
 
 
 def _is_s3_prefix(uri: str, filters: Filters) -> bool:
-    key = urlparse(uri).path.lstrip("/")
+    key = split_s3_uri(uri, key_required=False)[1]
     return not key or key.endswith("/") or PurePosixPath(key).suffix.lower() not in filters.extensions
 
 
@@ -97,8 +97,7 @@ def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[D
     """Every object under ``s3://bucket/prefix`` that the filters want, fingerprinted from the listing."""
     from pipeline.storage import s3_client, translate_s3_error
 
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    bucket, prefix = split_s3_uri(uri, key_required=False)
     paginator = s3_client(settings).get_paginator("list_objects_v2")
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
@@ -127,8 +126,8 @@ def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Ite
                 yield from _walk_directory(path, filters, settings)
             else:
                 yield _local(uri, settings)
-        elif urlparse(uri).scheme == "s3":
-            if not urlparse(uri).netloc:
+        elif uri.startswith("s3://"):
+            if not split_s3_uri(uri, key_required=False)[0]:
                 yield Discovered(uri, rejected=f"{uri}: no bucket; use s3://BUCKET/PREFIX")
             elif _is_s3_prefix(uri, filters):
                 yield from list_s3_prefix(uri, settings, filters)

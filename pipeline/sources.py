@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from pipeline.config import Settings
@@ -25,6 +25,8 @@ class SourceRef:
 
     @property
     def name(self) -> str:
+        if self.uri.startswith("s3://"):
+            return PurePosixPath(self.uri.partition("://")[2]).name or "media"
         return Path(urlparse(self.uri).path).name or "media"
 
     def to_dict(self) -> dict[str, object]:
@@ -55,8 +57,7 @@ def resolve_source(uri: str, settings: Settings) -> SourceRef:
             raise SourceNotFound(f"{uri}: no such file; check the path")
         stat = path.stat()
         return SourceRef(path.as_uri(), f"size={stat.st_size};mtime_ns={stat.st_mtime_ns}", stat.st_size)
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
+    if uri.startswith("s3://"):
         from pipeline.storage import s3_client, split_s3_uri, translate_s3_error
 
         bucket, key = split_s3_uri(uri)

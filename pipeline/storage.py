@@ -238,9 +238,10 @@ def open_storage(url: str, settings: Settings) -> LocalStorage | S3Storage:
     """``file:///abs/dir``, ``file://./rel``, a plain directory path, or ``s3://bucket/prefix``."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        if not parsed.netloc:
+        bucket, prefix = url[len("s3://") :].partition("/")[::2]
+        if not bucket:
             raise ConfigError(f"storage URL {url!r} has no bucket: use s3://BUCKET/PREFIX")
-        return S3Storage(parsed.netloc, unquote(parsed.path), settings)
+        return S3Storage(bucket, prefix, settings)
     if parsed.scheme == "file":
         return LocalStorage(Path(unquote(parsed.netloc + parsed.path)))
     if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
@@ -248,8 +249,12 @@ def open_storage(url: str, settings: Settings) -> LocalStorage | S3Storage:
     raise ConfigError(f"storage URL {url!r}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
+def split_s3_uri(uri: str, key_required: bool = True) -> tuple[str, str]:
+    """``s3://bucket/key`` → (bucket, key). Keys are taken verbatim, as the AWS CLI does: no
+    percent-decoding, and ``#``, ``?``, ``%`` and spaces are part of the key."""
+    if not uri.startswith("s3://"):
         raise ConfigError(f"{uri!r} is not an s3://BUCKET/KEY URI")
-    return parsed.netloc, unquote(parsed.path.lstrip("/"))
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or (key_required and not key.strip("/")):
+        raise ConfigError(f"{uri!r} is not an s3://BUCKET/KEY URI")
+    return bucket, key

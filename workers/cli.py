@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     from workers.cli_search import add_commands as add_search_commands
+    from workers.cli_triggers import add_commands as add_trigger_commands
 
     add_search_commands(commands)
+    add_trigger_commands(commands)
 
     sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
     sample.add_argument("path")

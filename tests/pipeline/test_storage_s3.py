@@ -58,3 +58,11 @@ def test_wrong_credentials_are_a_clear_permanent_error(s3_server, s3_bucket, mon
     storage = open_storage(f"s3://{s3_bucket}/x", Settings(s3_endpoint_url=s3_server.endpoint_url))
     with pytest.raises(PermanentError, match="credentials|access denied|not found"):
         storage.put_bytes("a.json", b"{}")
+
+
+def test_s3_uris_carry_keys_verbatim(s3_server, s3_bucket, s3_settings, tmp_path):
+    key = "in/50% off #1?.mp3"  # what the AWS CLI accepts as s3://bucket/in/50% off #1?.mp3
+    s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
+    ref = resolve_source(f"s3://{s3_bucket}/{key}", s3_settings)
+    assert ref.uri == f"s3://{s3_bucket}/{key}" and ref.name == "50% off #1?.mp3"
+    assert fetch_source(ref.uri, tmp_path, s3_settings).read_bytes() == b"abc"
