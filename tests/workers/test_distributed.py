@@ -139,7 +139,11 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
         assert manifest["tag"] == "batch-1"
         assert manifest["outputs"]["transcript.srt"].startswith(f"s3://{cluster['bucket']}/lib/results/")
         assert list(cluster["storage"].list_keys(f"work/{good['job_id']}")) == []
-    assert _manifest(cluster, podcast["media_id"])["source"] == sources[3]
+    podcast_manifest = _manifest(cluster, podcast["media_id"])
+    assert podcast_manifest["source"] == sources[3]
+    assert podcast_manifest["input_uri"] == sources[3]  # read in place by the media worker, not copied
+    talk_manifest = _manifest(cluster, talk["media_id"])
+    assert talk_manifest["input_uri"].startswith(f"s3://{cluster['bucket']}/lib/work/")  # a local file is uploaded
     assert json.loads(cluster["storage"].get_bytes(f"results/{silent['media_id']}/transcript.json"))["segments"] == []
     assert json.loads(cluster["storage"].get_bytes(f"results/{talk['media_id']}/captions.json"))["chunks"][2][
         "end"

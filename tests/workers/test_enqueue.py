@@ -151,3 +151,20 @@ def test_cli_bulk_enqueue_with_list_file(broker, library, tmp_path):
         for o in outcomes
         if o["status"] == "enqueued"
     )
+
+
+def test_s3_prefix_enqueues_every_object_once(broker, s3_server, s3_bucket, tmp_path, monkeypatch):
+    url, client, state = broker
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    settings = Settings(broker_url=url, s3_endpoint_url=s3_server.endpoint_url)
+    storage = LocalStorage(tmp_path / "store")
+    for index in range(30):
+        s3_server.client().put_object(Bucket=s3_bucket, Key=f"videos/{index:03d}.mp4", Body=b"v%d" % index)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="videos/index.html", Body=b"<html>")
+    first = enqueue([f"s3://{s3_bucket}/videos/"], settings, storage, state, tag="bucket")
+    assert [o.status for o in first] == ["enqueued"] * 30
+    assert {o.source for o in first} == {f"s3://{s3_bucket}/videos/{i:03d}.mp4" for i in range(30)}
+    assert sum(_queued(client).values()) == 30
+    again = enqueue([f"s3://{s3_bucket}/videos/"], settings, storage, state)
+    assert {o.status for o in again} == {"skipped"} and len(again) == 30
