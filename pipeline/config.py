@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=5, ge=0)
     retry_backoff_max_seconds: int = Field(default=300, ge=1)
     visibility_timeout_seconds: int = Field(default=6 * 3600, ge=60)
-    flower_basic_auth: SecretStr | None = None
+    flower_basic_auth: SecretStr | None = None  # "user:password" for omniq flower
+    metrics_basic_auth: SecretStr | None = None  # "user:password" for a metrics port beyond loopback
 
     @field_validator("language")
     @classmethod

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,20 +66,49 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.app import GPU_QUEUE, MEDIA_QUEUE, app
+    queues = ("media", "gpu")
+    if args.queue not in queues:
+        raise ConfigError(f"--queue {args.queue!r}: use 'media' (ffmpeg, CPU) or 'gpu' (the model)")
+    if args.metrics_port is not None:
+        # before anything imports prometheus_client: every pool process writes its values here
+        directory = tempfile.mkdtemp(prefix="omniq-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from workers.app import GPU_QUEUE, app
 
-    queue = args.queue
-    if queue not in (MEDIA_QUEUE, GPU_QUEUE):
-        raise ConfigError(f"--queue {queue!r}: use '{MEDIA_QUEUE}' (ffmpeg, CPU) or '{GPU_QUEUE}' (model)")
-    argv = ["worker", "--queues", queue, "--hostname", f"{queue}-%h-{os.getpid()}", "--task-events"]
+    if args.metrics_port is not None:
+        from workers.metrics import merged_registry, serve_metrics
+
+        auth = Settings().metrics_basic_auth
+        server = serve_metrics(
+            args.metrics_host, args.metrics_port, merged_registry(), auth.get_secret_value() if auth else None
+        )
+        print(f"metrics: http://{args.metrics_host}:{server.server_address[1]}/metrics", file=sys.stderr, flush=True)
+    argv = ["worker", "--queues", args.queue, "--hostname", f"{args.queue}-%h-{os.getpid()}", "--task-events"]
     argv += ["--loglevel", "INFO" if args.verbose else "WARNING"]
-    if queue == GPU_QUEUE:
+    if args.queue == GPU_QUEUE:
         # one model per process; 'solo' never forks, so CUDA is initialised in the process that uses it
         argv += ["--pool", "solo"]
     else:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
     app.worker_main(argv)
     return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    settings = Settings()
+    env = dict(os.environ)
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()  # not on the command line
+    elif args.address not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            f"--address {args.address} exposes Flower beyond this machine: set OMNIQ_FLOWER_BASIC_AUTH=user:password"
+        )
+    command = [sys.executable, "-m", "celery", "--app", "workers.app:app", "flower"]
+    command += [f"--address={args.address}", f"--port={args.port}", "--persistent=False"]
+    if args.url_prefix:
+        command.append(f"--url_prefix={args.url_prefix}")
+    os.execve(sys.executable, command, env)  # noqa: S606 - replaces this process; no shell involved
+    return 0  # not reached
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -200,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="start a Celery worker for one queue")
     worker.add_argument("--queue", required=True, help="media (ffmpeg, CPU) or gpu (the model)")
     worker.add_argument("--concurrency", type=int, help="processes for the media queue (default: CPU count)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="address for metrics (default 127.0.0.1)")
     worker.set_defaults(func=cmd_worker)
+
+    flower = commands.add_parser("flower", help="start Flower for omniq's Celery app")
+    flower.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--url-prefix", dest="url_prefix", help="when served behind a reverse proxy path")
+    flower.set_defaults(func=cmd_flower)
 
     enqueue = commands.add_parser("enqueue", help="enqueue files, directories or S3 prefixes; prints job ids")
     enqueue.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI")

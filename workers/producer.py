@@ -8,6 +8,7 @@ one broker connection for all messages. The store is read only for jobs Redis do
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -127,6 +128,7 @@ def enqueue(
                     kwargsrepr=task_repr(spec.job_id, spec.source),
                     priority=broker_priority(spec.priority),
                     connection=connection,  # one connection for the whole run
+                    headers={"omniq_sent_at": time.time()},
                 )
                 slots[position] = Enqueued(spec.source, spec.job_id, "enqueued")
             for outcome in slots:

@@ -20,7 +20,8 @@ from pipeline.config import Settings
 from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError, TransientError
 from pipeline.storage import Storage, open_storage
-from workers.app import app
+from workers import metrics
+from workers.app import GPU_QUEUE, MEDIA_QUEUE, TASK_ROUTES, app
 from workers.state import JobState
 
 
@@ -68,7 +69,18 @@ def engine() -> Engine:
     """One model per worker process, loaded on first use (not in worker_process_init)."""
     from pipeline.engines.omni import OmniEngine
 
-    return OmniEngine(settings())
+    model = OmniEngine(settings())
+    model.batch_observers.append(_observe_batch)
+    return model
+
+
+def _observe_batch(rows: int, new_tokens: int, seconds: float) -> None:
+    labels = {"queue": GPU_QUEUE, "model": settings().model}
+    metrics.BATCH_SIZE.labels(**labels).observe(rows)
+    metrics.MODEL_SECONDS.labels(**labels).inc(seconds)
+    metrics.GENERATED_TOKENS.labels(**labels).inc(new_tokens)
+    if seconds > 0:
+        metrics.TOKENS_PER_SECOND.labels(**labels).observe(new_tokens / seconds)
 
 
 class OmniqTask(Task):
@@ -81,6 +93,37 @@ class OmniqTask(Task):
     reject_on_worker_lost = True
     max_retries = settings().max_retries
     retry_backoff_max = settings().retry_backoff_max_seconds
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Time every task and how long it waited in its queue: one place for all tasks."""
+        labels = {"queue": self.queue_name, "model": settings().model, "task": self.name}
+        sent_at = getattr(self.request, "omniq_sent_at", None) or (self.request.headers or {}).get("omniq_sent_at")
+        if sent_at:
+            metrics.QUEUE_WAIT.labels(**labels).observe(max(0.0, time.time() - float(sent_at)))
+        started = time.monotonic()
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            metrics.TASK_SECONDS.labels(**labels).observe(time.monotonic() - started)
+
+    @property
+    def queue_name(self) -> str:
+        return TASK_ROUTES.get(self.name, {}).get("queue", MEDIA_QUEUE)
+
+    def publish(self, priority: int, task_id: str | None = None, **kwargs: Any) -> None:
+        """Publish this task with readable kwargs for Flower, the job's priority and the send time."""
+        readable = {k: v for k, v in kwargs.items() if k not in ("job_id", "source", "spec")}
+        self.apply_async(
+            kwargs=kwargs,
+            task_id=task_id,
+            priority=broker_priority(priority),
+            kwargsrepr=task_repr(kwargs["job_id"], kwargs["source"], **readable),
+            headers={"omniq_sent_at": time.time()},
+        )
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        metrics.RETRIES.labels(queue=self.queue_name, model=settings().model, task=self.name).inc()
+        log.warning("%s for job %s will be retried: %s", self.name, kwargs.get("job_id"), exc)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = kwargs.get("job_id")
@@ -97,6 +140,7 @@ class OmniqTask(Task):
             job.update_index(_index_or_none(), storage(), spec.media_id)
         finally:
             state().set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            metrics.JOBS.labels(queue=self.queue_name, model=settings().model, status="failed").inc()
 
 
 def _index_or_none():  # type: ignore[no-untyped-def]
@@ -137,15 +181,15 @@ def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     plan = job.ingest(job_spec, job_settings, storage())
     state().add_timings(job_id, plan.timings)
     state().set_status(job_id, "running", chunks_total=len(plan.chunks))
+    labels = {"queue": MEDIA_QUEUE, "model": settings().model}
+    metrics.MEDIA_SECONDS.labels(**labels).inc(plan.info.duration_s)
+    metrics.FFMPEG_SECONDS.labels(**labels).observe(plan.timings.get("ffmpeg_s", 0.0))
+    self.send_event("task-progress", job_id=job_id, step="ingested", chunks=len(plan.chunks))
     indices = [c.index for c in plan.chunks]
     size = job_settings.batch_size
     for first in range(0, len(indices), size):
         group = indices[first : first + size]
-        infer.apply_async(
-            kwargs={"job_id": job_id, "source": source, "chunks": group},
-            task_id=f"{job_id}-infer-{group[0]}",
-            priority=broker_priority(job_spec.priority),
-        )
+        infer.publish(job_spec.priority, f"{job_id}-infer-{group[0]}", job_id=job_id, source=source, chunks=group)
 
 
 @app.task(name="omniq.infer", base=OmniqTask, bind=True)
@@ -157,17 +201,14 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
     job_settings = job.settings_for(plan.spec, settings())
     started = time.monotonic()
     job.infer_chunks(plan, chunks, engine(), storage(), job_settings)
+    metrics.CHUNKS.labels(queue=GPU_QUEUE, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
     done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
     current = state().get(job_id) or {}
     resend = _is_redelivery(self) and done >= len(plan.chunks) and current.get("status") == "running"
     if completed_job or resend:
         state().incr(job_id, "summarize_sent")
-        summarize.apply_async(
-            kwargs={"job_id": job_id, "source": source},
-            task_id=f"{job_id}-summarize",
-            priority=broker_priority(plan.spec.priority),
-        )
+        summarize.publish(plan.spec.priority, f"{job_id}-summarize", job_id=job_id, source=source)
 
 
 @app.task(name="omniq.summarize", base=OmniqTask, bind=True)
@@ -181,11 +222,7 @@ def summarize(self: Task, job_id: str, source: str) -> None:
     started = time.monotonic()
     job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings()))
     state().add_timings(job_id, {"summarize_s": round(time.monotonic() - started, 3)})
-    finalize.apply_async(
-        kwargs={"job_id": job_id, "source": source},
-        task_id=f"{job_id}-finalize",
-        priority=broker_priority(plan.spec.priority),
-    )
+    finalize.publish(plan.spec.priority, f"{job_id}-finalize", job_id=job_id, source=source)
 
 
 @app.task(name="omniq.finalize", base=OmniqTask, bind=True)
@@ -206,6 +243,7 @@ def finalize(self: Task, job_id: str, source: str) -> None:
         timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
         job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
         state().set_status(job_id, "done")
+        metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status="done").inc()
         job.update_index(_index_or_none(), storage(), plan.spec.media_id)
     finally:
         state().release(job_id, "finalize", token)

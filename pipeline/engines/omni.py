@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +128,8 @@ class OmniEngine:
         self.device: torch.device | None = None
         self._load_lock = threading.Lock()
         self._stop_ids: set[int] = set()
+        # called after every generate call with (rows, new tokens, seconds): metrics hook for the workers
+        self.batch_observers: list[Callable[[int, int, float], None]] = []
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -342,6 +344,8 @@ class OmniEngine:
                     },
                 )
             )
+        for observer in self.batch_observers:
+            observer(len(requests), sum(r.new_tokens for r in results), seconds)
         logger.info(
             "generated %d rows (%s) in %.2fs: %d prompt + %d new tokens",
             len(requests),

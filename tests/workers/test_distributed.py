@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -15,6 +16,7 @@ from pipeline import job
 from pipeline.config import Settings
 from pipeline.media.sample import make_sample
 from pipeline.storage import S3Storage
+from tests.servers import find_free_port
 from workers.producer import enqueue
 from workers.state import JobState
 
@@ -52,9 +54,11 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
         "AWS_DEFAULT_REGION": s3_server.region,
     }
     workers = []
+    metrics_ports = {"media": find_free_port(), "gpu": find_free_port()}
     for queue in ("media", "gpu"):
         log = (logs / f"{queue}.log").open("w")
         command = [sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", queue, "--concurrency", "1"]
+        command += ["--metrics-port", str(metrics_ports[queue])]
         workers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the producer in this process uses the same settings
@@ -71,6 +75,7 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
             "logs": logs,
             "s3": s3_server,
             "bucket": bucket,
+            "metrics_ports": metrics_ports,
         }
     finally:
         for key, value in saved.items():
@@ -97,6 +102,18 @@ def _wait(cluster, job_ids, timeout=240.0):
         time.sleep(0.5)
     logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"].iterdir())
     raise AssertionError(f"jobs not finished in {timeout}s: {[cluster['state'].get(j) for j in job_ids]}\n{logs}")
+
+
+def _scrape(port):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def _value(samples, name, **labels):
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def _cli(cluster, *args):
@@ -165,6 +182,21 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
     forced = enqueue(sources[:1], cluster["settings"], cluster["storage"], cluster["state"], force=True)
     assert forced[0].status == "enqueued"
     assert _wait(cluster, [forced[0].job_id])[forced[0].job_id]["status"] == "done"
+
+    # both workers expose Prometheus metrics labelled by queue and model
+    media = _scrape(cluster["metrics_ports"]["media"])
+    gpu = _scrape(cluster["metrics_ports"]["gpu"])
+    assert _value(media, "omniq_jobs_total", queue="media", model="tiny", status="done") >= 3
+    assert _value(media, "omniq_jobs_total", queue="media", model="tiny", status="failed") >= 1
+    assert _value(media, "omniq_media_seconds_total", queue="media", model="tiny") >= 23.0 + 12.0 + 14.0 - 1
+    assert _value(media, "omniq_ffmpeg_seconds_count", queue="media", model="tiny") >= 3
+    assert _value(gpu, "omniq_chunks_total", queue="gpu", model="tiny") >= 3 + 2 + 2
+    assert _value(gpu, "omniq_generated_tokens_total", queue="gpu", model="tiny") > 0
+    assert _value(gpu, "omniq_batch_size_count", queue="gpu", model="tiny") > 0
+    assert _value(gpu, "omniq_generated_tokens_per_second_count", queue="gpu", model="tiny") > 0
+    assert _value(gpu, "omniq_model_seconds_total", queue="gpu", model="tiny") > 0
+    assert _value(gpu, "omniq_queue_wait_seconds_count", queue="gpu", model="tiny", task="omniq.infer") > 0
+    assert _value(media, "omniq_task_seconds_count", queue="media", model="tiny", task="omniq.ingest") >= 4
 
     # omniq status shows every job with its chunk progress
     listing = subprocess.run(

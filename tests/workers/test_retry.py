@@ -49,9 +49,14 @@ def _fail_with(monkeypatch, error):
 
 def test_transient_error_retries_then_fails_the_job(wired, monkeypatch):
     state, storage, spec = wired
+    from prometheus_client import REGISTRY
+
     calls = _fail_with(monkeypatch, TransientError("s3 is down"))
+    labels = {"queue": "media", "model": "tiny", "task": "omniq.ingest"}
+    before = REGISTRY.get_sample_value("omniq_task_retries_total", labels) or 0.0
     tasks.ingest.apply(kwargs={"job_id": spec.job_id, "source": spec.source, "spec": spec.to_dict()})
     assert len(calls) == 3  # the first try and max_retries=2 retries
+    assert REGISTRY.get_sample_value("omniq_task_retries_total", labels) == before + 2  # counted in metrics
     assert state.get(spec.job_id)["status"] == "failed"
     manifest = json.loads(storage.get_bytes(f"results/{spec.media_id}/manifest.json"))
     assert manifest["status"] == "failed" and "s3 is down" in manifest["error"]
