@@ -83,7 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             args.metrics_host, args.metrics_port, merged_registry(), auth.get_secret_value() if auth else None
         )
         print(f"metrics: http://{args.metrics_host}:{server.server_address[1]}/metrics", file=sys.stderr, flush=True)
-    argv = ["worker", "--queues", args.queue, "--hostname", f"{args.queue}-%h-{os.getpid()}", "--task-events"]
+    argv = ["worker", "--queues", args.queue, "--hostname", f"{args.queue}-{os.getpid()}@%h", "--task-events"]
     argv += ["--loglevel", "INFO" if args.verbose else "WARNING"]
     if args.queue == GPU_QUEUE:
         # one model per process; 'solo' never forks, so CUDA is initialised in the process that uses it

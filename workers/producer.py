@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -125,6 +126,7 @@ def enqueue(
                     continue
                 ingest.apply_async(
                     kwargs={"job_id": spec.job_id, "source": spec.source, "spec": spec.to_dict()},
+                    task_id=f"{spec.job_id}-ingest-{uuid.uuid4().hex[:8]}",  # readable in Flower, unique per run
                     kwargsrepr=task_repr(spec.job_id, spec.source),
                     priority=broker_priority(spec.priority),
                     connection=connection,  # one connection for the whole run

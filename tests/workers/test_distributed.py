@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +259,81 @@ def test_duplicate_chunk_delivery_finalizes_once(cluster, tmp_path):
     assert storage.get_bytes(f"results/{spec.media_id}/manifest.json") == before
     assert state.get(spec.job_id)["status"] == "done"
     assert state.redis.hget(JobState.key(spec.job_id), "summarize_runs") == "1"
+
+
+@contextlib.contextmanager
+def _chromium_page(**context_options):
+    """Debian's headless Chromium driven by Playwright (no browser download: the system binary)."""
+    from playwright.sync_api import sync_playwright
+
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=flags)
+        try:
+            context = browser.new_context(**context_options)
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_flower_lists_omniq_tasks(cluster, tmp_path):
+    """Flower for omniq's app shows every task with a readable name, job id and source (checked in Chromium)."""
+    port = find_free_port()
+    env = {**cluster["env"], "OMNIQ_FLOWER_BASIC_AUTH": "admin:flower-test-pw"}
+    log = (cluster["logs"] / "flower.log").open("w")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/healthcheck", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (cluster["logs"] / "flower.log").read_text()[-2000:]
+                time.sleep(0.5)
+        time.sleep(2)  # Flower subscribes to task events after it starts serving
+        clip = make_sample(tmp_path / "flower-clip.mp3", 6.0, video=False)
+        outcome = enqueue([str(clip)], cluster["settings"], cluster["storage"], cluster["state"])[0]
+        assert _wait(cluster, [outcome.job_id])[outcome.job_id]["status"] == "done"
+
+        with pytest.raises(urllib.error.HTTPError) as refused:  # basic auth is enforced
+            urllib.request.urlopen(f"{base}/tasks", timeout=5)
+        assert refused.value.code == 401
+
+        with _chromium_page(http_credentials={"username": "admin", "password": "flower-test-pw"}) as page:
+            page.goto(f"{base}/tasks")
+            for name in ("omniq.ingest", "omniq.infer", "omniq.summarize", "omniq.finalize"):
+                page.wait_for_selector(f"text={name}", timeout=30_000)
+            listing = page.inner_text("body")
+            assert listing.count(outcome.job_id) >= 4  # task ids name the job: ingest, infer, summarize, finalize
+            artifacts = Path(__file__).resolve().parents[2] / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "flower-tasks.png"), full_page=True)
+            page.goto(f"{base}/task/{outcome.job_id}-infer-0")  # one task's page: readable arguments
+            page.wait_for_selector("text=omniq.infer", timeout=30_000)
+            detail = page.inner_text("body")
+            assert "flower-clip.mp3" in detail and "chunks=[0" in detail and outcome.job_id in detail
+            compact = re.sub(r"\s+", "", listing)
+            assert "media-" in compact and "gpu-" in compact  # the worker names say which queue they serve
+            page.screenshot(path=str(artifacts / "flower-task-detail.png"), full_page=True)
+    finally:
+        flower.terminate()
+        try:
+            flower.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            flower.kill()
+        log.close()
