@@ -24,6 +24,7 @@ RESULT_FILES = (
     "transcript.txt",
     "captions.json",
     "summary.json",
+    "index.html",
     "manifest.json",
 )
 CONTENT_TYPES = {".json": "application/json", ".srt": "application/x-subrip", ".vtt": "text/vtt", ".txt": "text/plain"}
@@ -91,6 +92,14 @@ def finalize(
     }
     if manifest["random_weights"]:
         manifest["notice"] = RANDOM_NOTICE
+    from pipeline import viewer  # the results page, with thumbnails from each chunk's first frame (work/ still exists)
+
+    frame_keys = (
+        {c.index: f"{chunk_prefix(spec.job_id, c.index)}/frames/000000.jpg" for c in job_plan.chunks}
+        if job_plan.frame_shape
+        else {}
+    )
+    viewer.write_viewer(storage, manifest, frame_keys, settings)
     put_json(storage, f"{prefix}/manifest.json", manifest)
     if not settings.keep_work:
         storage.delete_prefix(work_prefix(spec.job_id))

@@ -128,6 +128,7 @@ def _cached_s3_client(endpoint_url: str | None, region: str, credentials_key: st
     from botocore.config import Config
 
     config = Config(
+        signature_version="s3v4",  # also for presigned URLs (the viewer's), which AWS accepts only as SigV4
         retries={"max_attempts": 5, "mode": "standard"},
         s3={"addressing_style": "path"} if endpoint_url else {},
         connect_timeout=10,

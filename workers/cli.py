@@ -260,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from workers.cli_search import add_commands as add_search_commands
     from workers.cli_triggers import add_commands as add_trigger_commands
+    from workers.cli_view import add_commands as add_view_commands
 
     add_search_commands(commands)
     add_trigger_commands(commands)
+    add_view_commands(commands)
 
     sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
     sample.add_argument("path")

@@ -57,7 +57,10 @@ def test_video_with_audio_produces_every_output(media, settings, engine, tmp_pat
     outcome = run_job(str(media["av"]), settings, storage, engine)
     assert outcome.status == "done", outcome.error
     results = storage.root / "results" / outcome.media_id
-    assert sorted(p.name for p in results.iterdir()) == sorted(RESULT_FILES)
+    assert sorted(p.name for p in results.iterdir() if p.is_file()) == sorted(RESULT_FILES)
+    assert len(list((results / "thumbnails").glob("*.jpg"))) == 3  # one per chunk, shown by index.html
+    page = (results / "index.html").read_text()
+    assert page.count('class="segment') >= 1 and "http://" not in page and "https://" not in page
     manifest = json.loads(_read(storage, outcome.media_id, "manifest.json"))
     assert manifest["status"] == "done"
     assert manifest["source"] == media["av"].resolve().as_uri()

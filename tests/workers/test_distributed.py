@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from pipeline import job
 from pipeline.config import Settings
 from pipeline.media.sample import make_sample
 from pipeline.storage import S3Storage
+from tests.browser import chromium_page
 from tests.servers import find_free_port
 from workers.producer import enqueue
 from workers.state import JobState
@@ -153,7 +153,7 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
         assert good["status"] == "done", good
         assert good["chunks_done"] == good["chunks_total"] > 0
         keys = set(cluster["storage"].list_keys(f"results/{good['media_id']}"))
-        assert {k.rsplit("/", 1)[1] for k in keys} == set(job.RESULT_FILES)
+        assert {k.rsplit("/", 1)[1] for k in keys if "/thumbnails/" not in k} == set(job.RESULT_FILES)
         manifest = _manifest(cluster, good["media_id"])
         assert manifest["status"] == "done" and manifest["random_weights"] is True
         assert manifest["tag"] == "batch-1"
@@ -261,29 +261,6 @@ def test_duplicate_chunk_delivery_finalizes_once(cluster, tmp_path):
     assert state.redis.hget(JobState.key(spec.job_id), "summarize_runs") == "1"
 
 
-@contextlib.contextmanager
-def _chromium_page(**context_options):
-    """Debian's headless Chromium driven by Playwright (no browser download: the system binary)."""
-    from playwright.sync_api import sync_playwright
-
-    flags = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-    ]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=flags)
-        try:
-            context = browser.new_context(**context_options)
-            yield context.new_page()
-        finally:
-            browser.close()
-
-
 def test_flower_lists_omniq_tasks(cluster, tmp_path):
     """Flower for omniq's app shows every task with a readable name, job id and source (checked in Chromium)."""
     port = find_free_port()
@@ -314,7 +291,7 @@ def test_flower_lists_omniq_tasks(cluster, tmp_path):
             urllib.request.urlopen(f"{base}/tasks", timeout=5)
         assert refused.value.code == 401
 
-        with _chromium_page(http_credentials={"username": "admin", "password": "flower-test-pw"}) as page:
+        with chromium_page(http_credentials={"username": "admin", "password": "flower-test-pw"}) as page:
             page.goto(f"{base}/tasks")
             for name in ("omniq.ingest", "omniq.infer", "omniq.summarize", "omniq.finalize"):
                 page.wait_for_selector(f"text={name}", timeout=30_000)

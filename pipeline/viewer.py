@@ -1,0 +1,423 @@
+"""``results/<media-id>/index.html``: one self-contained page to read and play a finished job.
+
+The page holds the summary, a timeline of chunks (thumbnail, time span, captions, chunk summary) and the
+timed transcript; clicking a segment or a chunk seeks the embedded player when the media is reachable
+(a local ``file://`` URI, a presigned S3 URL, or ``/media`` on ``omniq view --serve``).
+
+Everything in it comes from the model or the user, so every text is HTML-escaped; thumbnails are ``data:``
+URIs, the CSS and the script are inline and pinned by hash in a Content-Security-Policy that allows no
+other script, style, image, font, frame or connection, and media only from the player's own origin.
+A stored page never holds a presigned URL (it would expire): ``omniq view`` renders a fresh one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pipeline.config import Settings
+from pipeline.errors import PermanentError, SourceNotFound
+from pipeline.sources import local_path
+from pipeline.spec import get_json, results_prefix
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PAGE_NAME = "index.html"
+THUMBNAIL_DIR = "thumbnails"
+THUMBNAIL_WIDTH = 160
+PRESIGN_SECONDS = 12 * 3600  # how long a presigned media URL from ``omniq view`` stays valid
+
+STYLE = """
+:root { color-scheme: light dark; --fg: #1d232a; --muted: #5b6670; --bg: #f6f7f9; --card: #fff;
+  --line: #dde2e7; --accent: #0b63c5; --hl: #fff1b8; --warn-bg: #fff4e5; --warn-fg: #7a4100; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e6e9ec; --muted: #9aa5b1; --bg: #15191d; --card: #1e2328;
+  --line: #323940; --accent: #6cb2ff; --hl: #4a4020; --warn-bg: #3b2a12; --warn-fg: #ffd59a; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+  background: var(--bg); }
+header, main, #timeline { max-width: 1200px; margin: 0 auto; padding: 0 20px; }
+header { padding-top: 20px; }
+h1 { font-size: 1.5rem; margin: 0 0 4px; overflow-wrap: anywhere; }
+h2 { font-size: 1.1rem; margin: 0 0 10px; }
+.meta { color: var(--muted); margin: 0; display: flex; flex-wrap: wrap; gap: 4px 18px; }
+.meta span { overflow-wrap: anywhere; }
+.banner { background: var(--warn-bg); color: var(--warn-fg); border: 1px solid currentColor; border-radius: 6px;
+  padding: 10px 14px; margin: 14px 0 0; font-weight: 600; }
+main { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 20px; margin-top: 18px; }
+@media (max-width: 860px) { main { grid-template-columns: minmax(0, 1fr); } }
+section.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 14px 16px; }
+#player { width: 100%; display: block; border-radius: 6px; background: #000; }
+audio#player { background: none; }
+video#player { max-height: 60vh; }
+.note { color: var(--muted); margin: 0; }
+.note code { background: var(--bg); padding: 1px 5px; border-radius: 4px; }
+#summary-text { white-space: pre-wrap; margin: 0; }
+.side { display: flex; flex-direction: column; gap: 20px; min-width: 0; }
+#transcript-list { list-style: none; margin: 0; padding: 0; max-height: 70vh; overflow-y: auto; position: relative; }
+.segment { display: flex; align-items: baseline; gap: 10px; padding: 6px 8px; border-radius: 6px; }
+.segment + .segment { border-top: 1px solid var(--line); }
+.playable .segment, .playable .chunk { cursor: pointer; }
+.playable .segment:hover, .playable .chunk:hover { background: var(--bg); }
+.segment.current, .chunk.current { background: var(--hl); }
+.playable .segment.current:hover, .playable .chunk.current:hover { background: var(--hl); }
+button.time { font: 600 13px/1.5 ui-monospace, SFMono-Regular, Menlo, monospace; color: var(--accent);
+  background: none; border: 0; padding: 0; cursor: pointer; white-space: nowrap; }
+button.time:disabled { color: var(--muted); cursor: default; }
+.empty { color: var(--muted); font-style: italic; }
+#timeline { margin-top: 20px; margin-bottom: 30px; }
+#chunk-list { list-style: none; margin: 0; padding: 0; display: grid; gap: 14px;
+  grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
+.chunk { background: var(--card); border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
+  display: flex; flex-direction: column; }
+.thumb, .no-thumb { width: 100%; aspect-ratio: 16 / 9; object-fit: cover; display: block; background: #222; }
+.chunk-body { padding: 8px 12px 12px; }
+.chunk-body p { margin: 4px 0 0; overflow-wrap: anywhere; }
+.label { font-size: 12px; font-weight: 700; text-transform: uppercase; letter-spacing: .04em; color: var(--muted);
+  margin-right: 6px; }
+"""
+
+SCRIPT = """
+(() => {
+  "use strict";
+  const player = document.getElementById("player");
+  const list = document.getElementById("transcript-list");
+  const items = Array.from(document.querySelectorAll(".segment, .chunk"));
+  if (!player) return;
+  document.body.classList.add("playable");
+  const problem = document.getElementById("player-error");
+  player.addEventListener("error", () => { if (problem) problem.hidden = false; });
+  function seek(element) {
+    const start = parseFloat(element.dataset.start);
+    if (!Number.isFinite(start)) return;
+    player.currentTime = start;
+    const playing = player.play();
+    if (playing && playing.catch) playing.catch(() => {});
+  }
+  document.addEventListener("click", (event) => {
+    const item = event.target.closest(".segment, .chunk");
+    if (item) seek(item);
+  });
+  let current = [];
+  player.addEventListener("timeupdate", () => {
+    const now = player.currentTime;
+    const found = items.filter((el) => now >= +el.dataset.start && now < +el.dataset.end);
+    if (found.length === current.length && found.every((el, i) => el === current[i])) return;
+    current.forEach((el) => el.classList.remove("current"));
+    current = found;
+    current.forEach((el) => el.classList.add("current"));
+    const segment = current.find((el) => el.classList.contains("segment"));
+    if (segment && list.scrollHeight > list.clientHeight) {
+      const top = segment.offsetTop;
+      if (top < list.scrollTop || top + segment.offsetHeight > list.scrollTop + list.clientHeight) {
+        list.scrollTop = top - list.clientHeight / 3;
+      }
+    }
+  });
+})();
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+STYLE_HASH = _csp_hash(STYLE)
+SCRIPT_HASH = _csp_hash(SCRIPT)
+
+
+@dataclass
+class ViewerInputs:
+    """The stored results a page is made from."""
+
+    manifest: dict[str, Any]
+    transcript: dict[str, Any]
+    captions: dict[str, Any]
+    summary: dict[str, Any]
+    thumbnails: dict[int, bytes]
+
+
+def clock(seconds: float) -> str:
+    """``M:SS`` or ``H:MM:SS`` (seconds rounded down), as players show times."""
+    whole = max(0, math.floor(seconds)) if math.isfinite(seconds) else 0
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def source_name(source: str) -> str:
+    """The file name of a source URI (``s3://b/dir/talk.mp4`` → ``talk.mp4``)."""
+    if source.startswith("s3://"):
+        name = PurePosixPath(source[len("s3://") :]).name
+    else:
+        name = PurePosixPath(unquote(urlsplit(source).path)).name
+    return name or "media"
+
+
+def _media_source(media_url: str) -> str:
+    """The CSP ``media-src`` value that allows exactly the player's origin."""
+    parts = urlsplit(media_url)
+    if parts.scheme == "file":
+        return "file:"
+    if parts.scheme in ("http", "https") and parts.hostname:
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    if not parts.scheme and not parts.netloc and media_url.startswith("/"):
+        return "'self'"
+    raise ValueError(f"media URL {media_url!r}: use a file:, http(s): or /path URL")
+
+
+def content_security_policy(media_url: str | None) -> str:
+    """No network access at all except media from the player's origin."""
+    media = f" media-src {_media_source(media_url)};" if media_url else ""
+    return (
+        f"default-src 'none'; img-src data:;{media} style-src {STYLE_HASH}; script-src {SCRIPT_HASH}; "
+        "base-uri 'none'; form-action 'none'"
+    )
+
+
+def _number(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _player_html(manifest: dict[str, Any], media_url: str | None) -> str:
+    if not media_url:
+        media_id = escape(str(manifest.get("media_id", "MEDIA_ID")))
+        return (
+            '<p class="note" id="no-player">The media is not reachable from this page, so it cannot be played '
+            f"here. For a playable view run <code>omniq view {media_id}</code> where the source file or "
+            "bucket can be read.</p>"
+        )
+    tag = "video" if (manifest.get("media") or {}).get("has_video", True) else "audio"
+    return (
+        f'<{tag} id="player" controls preload="metadata" src="{escape(media_url)}"></{tag}>\n'
+        '<p class="note" id="player-error" hidden>The media could not be loaded from '
+        f"<code>{escape(media_url)}</code>; run <code>omniq view "
+        f"{escape(str(manifest.get('media_id', 'MEDIA_ID')))}</code> for a fresh link.</p>"
+    )
+
+
+def _span_attrs(item: Mapping[str, Any]) -> str:
+    return f'data-start="{_number(item.get("start")):.3f}" data-end="{_number(item.get("end")):.3f}"'
+
+
+def _time_button(start: float, end: float | None, playable: bool) -> str:
+    label = clock(start) if end is None else f"{clock(start)}\u2013{clock(end)}"
+    disabled = "" if playable else " disabled"
+    return f'<button class="time" type="button"{disabled}>{label}</button>'
+
+
+def _segments_html(transcript: dict[str, Any], playable: bool) -> str:
+    rows = []
+    for segment in transcript.get("segments") or []:
+        button = _time_button(_number(segment.get("start")), None, playable)
+        text = escape(str(segment.get("text", "")))
+        rows.append(f'<li class="segment" {_span_attrs(segment)}>{button}<span class="text">{text}</span></li>')
+    if not rows:
+        return '<p class="empty">No speech was transcribed.</p>'
+    return '<ol id="transcript-list">\n' + "\n".join(rows) + "\n</ol>"
+
+
+def _chunks_html(
+    captions: dict[str, Any], summary: dict[str, Any], thumbnails: dict[int, bytes], playable: bool
+) -> str:
+    summaries = {int(c.get("index", -1)): str(c.get("summary", "")) for c in summary.get("chunks") or []}
+    rows = []
+    for chunk in captions.get("chunks") or []:
+        index = int(chunk.get("index", 0))
+        start, end = _number(chunk.get("start")), _number(chunk.get("end"))
+        if index in thumbnails:
+            data = base64.b64encode(thumbnails[index]).decode()
+            image = f'<img class="thumb" alt="frame at {clock(start)}" src="data:image/jpeg;base64,{data}">'
+        else:
+            image = ""
+        texts = [("Seen", "visual", chunk.get("visual")), ("Heard", "audio", chunk.get("audio"))]
+        texts.append(("Summary", "chunk-summary", summaries.get(index)))
+        paragraphs = "".join(
+            f'<p class="{kind}"><span class="label">{label}</span>{escape(str(text))}</p>'
+            for label, kind, text in texts
+            if text
+        )
+        rows.append(
+            f'<li class="chunk" data-index="{index}" {_span_attrs(chunk)}>{image}'
+            f'<div class="chunk-body">{_time_button(start, end, playable)}{paragraphs}</div></li>'
+        )
+    if not rows:
+        return '<p class="empty">No chunks.</p>'
+    return '<ol id="chunk-list">\n' + "\n".join(rows) + "\n</ol>"
+
+
+def render_viewer(
+    manifest: dict[str, Any],
+    transcript: dict[str, Any],
+    captions: dict[str, Any],
+    summary: dict[str, Any],
+    thumbnails: Mapping[int, bytes],
+    media_url: str | None,
+) -> str:
+    """The page for one finished job as a self-contained HTML document (see the module docstring).
+
+    ``thumbnails`` maps chunk indices to JPEG bytes; ``media_url`` is what the player plays (None: no player).
+    """
+    source = str(manifest.get("source", ""))
+    name = escape(source_name(source))
+    playable = bool(media_url)
+    facts = [
+        ("Source", source),
+        ("Duration", clock(_number(manifest.get("duration_s")))),
+        ("Model", manifest.get("model")),
+        ("Chunks", manifest.get("chunks")),
+        ("Tag", manifest.get("tag")),
+        ("Finished", manifest.get("finished_at")),
+        ("Media id", manifest.get("media_id")),
+    ]
+    meta = "".join(f"<span>{label}: {escape(str(value))}</span>" for label, value in facts if value not in (None, ""))
+    banner = ""
+    if manifest.get("random_weights"):
+        notice = manifest.get("notice") or "Written by a random-weight test model: this text is random."
+        banner = f'<p class="banner" id="random-weights" role="alert">{escape(str(notice))}</p>'
+    summary_text = str(summary.get("summary") or "").strip()
+    summary_html = (
+        f'<p id="summary-text">{escape(summary_text)}</p>' if summary_text else '<p class="empty">No summary.</p>'
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{escape(content_security_policy(media_url))}">
+<meta name="referrer" content="no-referrer">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{name} \u2014 omniq</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<header>
+<h1>{name}</h1>
+<p class="meta">{meta}</p>
+{banner}
+</header>
+<main>
+<div class="side">
+<section class="card" id="media">
+{_player_html(manifest, media_url)}
+</section>
+<section class="card" id="summary">
+<h2>Summary</h2>
+{summary_html}
+</section>
+</div>
+<section class="card" id="transcript">
+<h2>Transcript</h2>
+{_segments_html(transcript, playable)}
+</section>
+</main>
+<section id="timeline">
+<h2>Timeline</h2>
+{_chunks_html(captions, summary, dict(thumbnails), playable)}
+</section>
+<script>{SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def thumbnail_jpeg(frame: Path | bytes, max_width: int = THUMBNAIL_WIDTH) -> bytes:
+    """A small JPEG of a frame (a path or image bytes), at most ``max_width`` pixels wide."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(frame) if isinstance(frame, bytes) else frame) as image:
+        rgb = image.convert("RGB")
+    if rgb.width > max_width:
+        rgb = rgb.resize((max_width, max(1, round(rgb.height * max_width / rgb.width))), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=75, optimize=True)
+    return buffer.getvalue()
+
+
+def media_url_for(
+    manifest: dict[str, Any], settings: Settings, *, presign: bool = True, expires_s: int = PRESIGN_SECONDS
+) -> str | None:
+    """Where a browser on this machine can play the source: its ``file://`` URI when the file exists here,
+    a presigned GET URL for an ``s3://`` source (unless ``presign`` is false), else None."""
+    source = str(manifest.get("source") or "")
+    path = local_path(source) if source else None
+    if path is not None:
+        return path.resolve().as_uri() if path.is_file() else None
+    if source.startswith("s3://") and presign:
+        from pipeline.storage import s3_client, split_s3_uri
+
+        bucket, key = split_s3_uri(source)
+        params = {"Bucket": bucket, "Key": key}
+        return str(s3_client(settings).generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
+    return None
+
+
+def thumbnail_key(media_id: str, index: int) -> str:
+    return f"{results_prefix(media_id)}/{THUMBNAIL_DIR}/{index:05d}.jpg"
+
+
+def load_viewer_inputs(storage: Storage, media_id: str, manifest: dict[str, Any] | None = None) -> ViewerInputs:
+    """Read a finished job's result files and thumbnails; ``manifest`` saves reading it (finalize has it)."""
+    prefix = results_prefix(media_id)
+    if manifest is None:
+        if not storage.exists(f"{prefix}/manifest.json"):
+            raise SourceNotFound(f"no results for media {media_id} in {storage.url}")
+        manifest = get_json(storage, f"{prefix}/manifest.json")
+    if manifest.get("status") != "done":
+        raise PermanentError(f"the job for media {media_id} did not finish ({manifest.get('error')}); nothing to view")
+    thumbnails: dict[int, bytes] = {}
+    for key in storage.list_keys(f"{prefix}/{THUMBNAIL_DIR}"):
+        stem = PurePosixPath(key).stem
+        if stem.isdigit() and key.endswith(".jpg"):
+            thumbnails[int(stem)] = storage.get_bytes(key)
+    return ViewerInputs(
+        manifest,
+        get_json(storage, f"{prefix}/transcript.json"),
+        get_json(storage, f"{prefix}/captions.json"),
+        get_json(storage, f"{prefix}/summary.json"),
+        thumbnails,
+    )
+
+
+def write_viewer(storage: Storage, manifest: dict[str, Any], frame_keys: Mapping[int, str], settings: Settings) -> str:
+    """Store each chunk's thumbnail (made from its frame at ``frame_keys[index]``) and ``index.html``.
+
+    Call it after the result JSONs are written and before the manifest; returns the page's key. The page
+    plays the source only when it is a local file that exists here (never a presigned URL, which expires).
+    Deterministic, so a redelivered finalize rewrites nothing.
+    """
+    media_id = str(manifest["media_id"])
+    for index, key in sorted(frame_keys.items()):
+        try:
+            thumbnail = thumbnail_jpeg(storage.get_bytes(key))
+        except SourceNotFound:
+            continue  # audio-only media, or a chunk without frames
+        except OSError as error:  # Pillow: not a readable image; a page without this thumbnail is still useful
+            log.warning("no thumbnail for chunk %d of %s: %s", index, media_id, error)
+            continue
+        storage.put_bytes(thumbnail_key(media_id, index), thumbnail, "image/jpeg")
+    inputs = load_viewer_inputs(storage, media_id, manifest)
+    page = render_viewer(
+        manifest,
+        inputs.transcript,
+        inputs.captions,
+        inputs.summary,
+        inputs.thumbnails,
+        media_url_for(manifest, settings, presign=False),
+    )
+    key = f"{results_prefix(media_id)}/{PAGE_NAME}"
+    storage.put_bytes(key, page.encode(), "text/html; charset=utf-8")
+    return key
