@@ -28,7 +28,7 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/omniq sample $(DEMO_DIR)/sample.mp4 --duration 40
 	$(VENV)/bin/omniq run $(DEMO_DIR)/sample.mp4 --model tiny --out ./omniq-data --chunk-seconds 15 --fps 1
-	@echo "Results are under ./omniq-data/results/ (open manifest.json first)."
+	@echo "Results are under ./omniq-data/results/<media-id>/: open index.html in a browser, or read manifest.json."
 
 test: install-dev
 	$(PY) -m pytest

@@ -60,7 +60,8 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
         return (
             f"done    {outcome.source} -> {outcome.result_uri} "
             f"({manifest.get('chunks')} chunks, {manifest.get('duration_s', 0):.1f} s of media, "
-            f"{manifest.get('timings', {}).get('total_s', 0):.1f} s)"
+            f"{manifest.get('timings', {}).get('total_s', 0):.1f} s)\n"
+            f"        view: {manifest.get('outputs', {}).get('index.html', outcome.result_uri + '/index.html')}"
         )
     return f"{outcome.status:<7} {outcome.source}: {outcome.error}"
 
