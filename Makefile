@@ -34,7 +34,7 @@ test: install-dev
 	$(PY) -m pytest
 
 lint: install-dev
-	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(VENV)/bin/ruff check pipeline workers tests bench deploy
 
 clean:
 	rm -rf $(DEMO_DIR) omniq-data .pytest_cache
