@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import search
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, SourceNotFound
 from pipeline.search import (
@@ -302,7 +301,9 @@ def test_a_newer_schema_is_refused(tmp_path):
 
 
 def test_without_fts5_the_error_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(search, "has_fts5", lambda: False)
+    from pipeline import search_sqlite
+
+    monkeypatch.setattr(search_sqlite, "has_fts5", lambda: False)
     with pytest.raises(ConfigError, match="no FTS5"):
         SQLiteIndex(tmp_path / "index.sqlite")
 
