@@ -386,3 +386,14 @@ def count(outcomes: Sequence[EventOutcome]) -> dict[str, int]:
     for outcome in outcomes:
         totals[outcome.status] = totals.get(outcome.status, 0) + 1
     return totals
+
+
+def log_outcomes(outcomes: Sequence[EventOutcome]) -> None:
+    """One log line per enqueued, skipped or rejected object."""
+    for outcome in outcomes:
+        where = f"s3://{outcome.event.bucket}/{outcome.event.key}"
+        if outcome.status in ("enqueued", "skipped"):
+            detail = f" ({outcome.reason})" if outcome.reason else ""
+            log.info("%s %s: job %s%s", outcome.status, where, outcome.job_id, detail)
+        elif outcome.status == "rejected":
+            log.warning("rejected %s: %s", where, outcome.reason)

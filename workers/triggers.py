@@ -7,14 +7,11 @@ deliberately ignored), so a crash or a Redis outage means redelivery, never a lo
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import re
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
 
@@ -29,13 +26,25 @@ from workers.events import (
     count,
     handle_events,
     handle_messages,
+    log_outcomes,
     parse_message,
 )
+from workers.webhook import make_webhook_server, serve_webhook, webhook_token
+
+__all__ = [
+    "ListenStats",
+    "default_enqueue_fn",
+    "lambda_handler",
+    "listen_sqs",
+    "make_webhook_server",
+    "open_queue",
+    "parse_queue",
+    "serve_webhook",
+    "webhook_token",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1024 * 1024
-HEALTH_PATHS = ("/healthz", "/health")
 MAX_BACKOFF_SECONDS = 30.0
 _AWS_QUEUE_HOST = re.compile(r"^sqs\.(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?$")
 _LEGACY_QUEUE_HOST = re.compile(r"^(?:(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.)?queue\.amazonaws\.com$")
@@ -224,7 +233,7 @@ def _handle_sqs_batch(
     for index, (message, result) in enumerate(zip(messages, results, strict=True)):
         stats.add(result.outcomes)
         stats.malformed += result.malformed is not None
-        _log_outcomes(result.outcomes)
+        log_outcomes(result.outcomes)
         if result.done:
             done.append({"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]})
     stats.kept += len(messages) - len(done)
@@ -241,156 +250,6 @@ def _handle_sqs_batch(
             for entry in failed:
                 log.warning("deleting a handled message failed (%s); it will be delivered again", entry.get("Message"))
     return any(outcome.status == "failed" for result in results for outcome in result.outcomes)
-
-
-def _log_outcomes(outcomes: Sequence[EventOutcome]) -> None:
-    for outcome in outcomes:
-        where = f"s3://{outcome.event.bucket}/{outcome.event.key}"
-        if outcome.status in ("enqueued", "skipped"):
-            detail = f" ({outcome.reason})" if outcome.reason else ""
-            log.info("%s %s: job %s%s", outcome.status, where, outcome.job_id, detail)
-        elif outcome.status == "rejected":
-            log.warning("rejected %s: %s", where, outcome.reason)
-
-
-# -- webhook ------------------------------------------------------------------------------------------
-
-
-class WebhookServer(ThreadingHTTPServer):
-    """A threading HTTP server that carries what its handlers need."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], settings: Settings, enqueue_fn: EnqueueFn, token: str) -> None:
-        super().__init__(address, WebhookHandler)
-        self.token = token
-        self.key_filter = KeyFilter.from_settings(settings)
-        self.enqueue_fn = enqueue_fn
-
-
-class WebhookHandler(BaseHTTPRequestHandler):
-    """``POST`` (any path but health) with a bearer token: S3-style event JSON; ``GET /healthz``: liveness."""
-
-    server: WebhookServer
-    timeout = 30  # seconds a client may take to send its request
-    server_version = "omniq-webhook"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        if urlparse(self.path).path in HEALTH_PATHS:
-            self._reply(200, {"status": "ok"})
-        else:
-            self._reply(404, {"error": "not found: POST events to this server, GET /healthz for health"})
-
-    def do_HEAD(self) -> None:  # MinIO probes its target with HEAD; any answer means it is up
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_POST(self) -> None:
-        if urlparse(self.path).path in HEALTH_PATHS:
-            self._reply(405, {"error": f"{self.path} answers GET only"})
-            return
-        length = self._content_length()
-        if length is None:
-            return
-        if not self._authorized():
-            self._discard(length)
-            self._reply(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
-            return
-        if length > MAX_BODY_BYTES:
-            self._reply(413, {"error": f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit"})
-            return
-        try:
-            events = parse_message(self.rfile.read(length))
-        except MalformedEvent as error:
-            self._reply(400, {"error": str(error)})
-            return
-        outcomes = handle_events(events, self.server.key_filter, self.server.enqueue_fn)
-        _log_outcomes(outcomes)
-        totals = count(outcomes)
-        # 503 makes the sender retry later (MinIO keeps undelivered events in its queue_dir)
-        status = 503 if totals["failed"] else 200
-        self._reply(status, {"events": len(events), **totals, "results": [o.to_dict() for o in outcomes]})
-
-    def _content_length(self) -> int | None:
-        header = self.headers.get("Content-Length")
-        if header is None:
-            self._reply(411, {"error": "a Content-Length header is required"})
-            return None
-        try:
-            length = int(header)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._reply(400, {"error": f"Content-Length {header!r} is not a byte count"})
-            return None
-        return length
-
-    def _authorized(self) -> bool:
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            return False
-        return hmac.compare_digest(given.strip().encode(), self.server.token.encode())
-
-    def _discard(self, length: int) -> None:
-        """Read a small unread body so closing the connection does not reset it before the client reads."""
-        if length <= MAX_BODY_BYTES:
-            self.rfile.read(length)
-
-    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)  # the request line: never headers
-
-
-def make_webhook_server(
-    host: str, port: int, settings: Settings, enqueue_fn: EnqueueFn, token: str | None = None
-) -> WebhookServer:
-    """A bound, not yet serving webhook server (port 0 picks a free port: see ``server_address``)."""
-    return WebhookServer((host, port), settings, enqueue_fn, token or webhook_token(settings))
-
-
-def webhook_token(settings: Settings) -> str:
-    """The bearer token senders must present; the webhook does not start without one."""
-    token = settings.webhook_token.get_secret_value() if settings.webhook_token is not None else ""
-    if not token:
-        raise ConfigError(
-            "the webhook needs a bearer token: set OMNIQ_WEBHOOK_TOKEN (e.g. to `openssl rand -hex 32`) and give "
-            "the same value to the sender (MinIO: notify_webhook auth_token)"
-        )
-    return token
-
-
-def serve_webhook(
-    host: str,
-    port: int,
-    settings: Settings,
-    enqueue_fn: EnqueueFn,
-    token: str | None = None,
-    *,
-    stop: threading.Event | None = None,
-) -> None:
-    """Serve the webhook until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT)."""
-    stop = stop or threading.Event()
-    server = make_webhook_server(host, port, settings, enqueue_fn, token)
-    thread = threading.Thread(target=server.serve_forever, name="omniq-webhook", daemon=True)
-    thread.start()
-    log.info("webhook listening on http://%s:%d (GET /healthz for health)", *server.server_address[:2])
-    try:
-        stop.wait()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 # -- AWS Lambda ---------------------------------------------------------------------------------------
@@ -417,7 +276,7 @@ def lambda_handler(
     if isinstance(records, list) and records and all(_is_sqs_record(r) for r in records):
         results = handle_messages([str(r.get("body", "")) for r in records], key_filter, enqueue_fn)
         for result in results:
-            _log_outcomes(result.outcomes)
+            log_outcomes(result.outcomes)
         return {
             "batchItemFailures": [
                 {"itemIdentifier": r["messageId"]}
@@ -431,7 +290,7 @@ def lambda_handler(
         log.error("dropping a malformed event (%s)", error)
         return {"malformed": str(error)}
     outcomes = handle_events(events, key_filter, enqueue_fn)
-    _log_outcomes(outcomes)
+    log_outcomes(outcomes)
     totals = count(outcomes)
     if totals["failed"] or totals["rejected"]:
         reasons = sorted({o.reason or o.status for o in outcomes if not o.done})
