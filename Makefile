@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test install install-dev lint clean
+.PHONY: demo test install install-dev browser lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ demo: install
 	$(VENV)/bin/omniq run $(DEMO_DIR)/sample.mp4 --model tiny --out ./omniq-data --chunk-seconds 15 --fps 1
 	@echo "Results are under ./omniq-data/results/<media-id>/: open index.html in a browser, or read manifest.json."
 
-test: install-dev
+# The browser tests drive Debian's Chromium (no browser download works offline); installed when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: install-dev browser
 	$(PY) -m pytest
 
 lint: install-dev
