@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, assemble, prompts
+from pipeline import __version__, assemble, prompts, viewer
 from pipeline.assemble import ChunkResult
 from pipeline.config import Settings, config_hash_of
 from pipeline.spec import JobPlan, JobSpec, chunk_prefix, get_json, put_json, results_prefix, work_prefix
@@ -92,8 +92,7 @@ def finalize(
     }
     if manifest["random_weights"]:
         manifest["notice"] = RANDOM_NOTICE
-    from pipeline import viewer  # the results page, with thumbnails from each chunk's first frame (work/ still exists)
-
+    # the results page, with thumbnails from each chunk's first frame (work/ still exists here)
     frame_keys = (
         {c.index: f"{chunk_prefix(spec.job_id, c.index)}/frames/000000.jpg" for c in job_plan.chunks}
         if job_plan.frame_shape

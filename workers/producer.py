@@ -8,7 +8,6 @@ one broker connection for all messages. The store is read only for jobs Redis do
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from pipeline.errors import OmniqError
 from pipeline.sources import local_path
 from pipeline.storage import Storage
 from workers.state import ACTIVE, JobState
-from workers.tasks import broker_priority, task_repr
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +117,19 @@ def enqueue(
                         to_publish.append((position, spec))
                     except OmniqError as error:
                         slots[position] = Enqueued(spec.source, spec.job_id, "rejected", str(error))
-            created = state.create_many([spec.to_dict() for _, spec in to_publish])
-            for (position, spec), result in zip(to_publish, created, strict=True):
+            payloads = [spec.to_dict() for _, spec in to_publish]
+            created = state.create_many(payloads)
+            for (position, spec), payload, result in zip(to_publish, payloads, created, strict=True):
                 if result != "created":  # another producer got there first
                     slots[position] = Enqueued(spec.source, spec.job_id, "skipped", f"already {result}")
                     continue
-                ingest.apply_async(
-                    kwargs={"job_id": spec.job_id, "source": spec.source, "spec": spec.to_dict()},
-                    task_id=f"{spec.job_id}-ingest-{uuid.uuid4().hex[:8]}",  # readable in Flower, unique per run
-                    kwargsrepr=task_repr(spec.job_id, spec.source),
-                    priority=broker_priority(spec.priority),
+                ingest.publish(
+                    spec.priority,
+                    f"{spec.job_id}-ingest-{uuid.uuid4().hex[:8]}",  # readable in Flower, unique per run
                     connection=connection,  # one connection for the whole run
-                    headers={"omniq_sent_at": time.time()},
+                    job_id=spec.job_id,
+                    source=spec.source,
+                    spec=payload,
                 )
                 slots[position] = Enqueued(spec.source, spec.job_id, "enqueued")
             for outcome in slots:

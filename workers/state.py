@@ -89,6 +89,10 @@ class JobState:
                 self._create(keys=keys, args=args, client=pipe)
             return [str(result) for result in pipe.execute()]
 
+    def status(self, job_id: str) -> str | None:
+        """A job's status alone (one field read), None for an unknown job."""
+        return self.redis.hget(self.key(job_id), "status")
+
     def statuses(self, job_ids: list[str]) -> list[str | None]:
         """The status of many jobs in one round trip (None for unknown jobs)."""
         with self.redis.pipeline(transaction=False) as pipe:

@@ -110,8 +110,11 @@ class OmniqTask(Task):
     def queue_name(self) -> str:
         return TASK_ROUTES.get(self.name, {}).get("queue", MEDIA_QUEUE)
 
-    def publish(self, priority: int, task_id: str | None = None, **kwargs: Any) -> None:
-        """Publish this task with readable kwargs for Flower, the job's priority and the send time."""
+    def publish(self, priority: int, task_id: str | None = None, *, connection: Any = None, **kwargs: Any) -> None:
+        """Publish this task with readable kwargs for Flower, the job's priority and the send time.
+
+        ``connection`` reuses an open broker connection (the producer sends many messages over one).
+        """
         readable = {k: v for k, v in kwargs.items() if k not in ("job_id", "source", "spec")}
         self.apply_async(
             kwargs=kwargs,
@@ -119,6 +122,7 @@ class OmniqTask(Task):
             priority=broker_priority(priority),
             kwargsrepr=task_repr(kwargs["job_id"], kwargs["source"], **readable),
             headers={"omniq_sent_at": time.time()},
+            connection=connection,
         )
 
     def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -130,8 +134,7 @@ class OmniqTask(Task):
         log.error("%s failed for job %s: %s", self.name, job_id, exc)
         if not job_id:
             return
-        current = state().get(job_id) or {}
-        if current.get("status") == "done":  # a late duplicate must not turn a finished job into a failure
+        if state().status(job_id) == "done":  # a late duplicate must not turn a finished job into a failure
             log.warning("ignoring failure of a late %s for finished job %s", self.name, job_id)
             return
         try:
@@ -162,8 +165,7 @@ def _spec(job_id: str) -> job.JobSpec:
 
 def _finished(job_id: str, *also: str) -> bool:
     """True when a (late or duplicate) message arrives for a job that has ended; it is then dropped."""
-    status = (state().get(job_id) or {}).get("status")
-    return status in ("done", "failed", *also)
+    return state().status(job_id) in ("done", "failed", *also)
 
 
 def _is_redelivery(task: Task) -> bool:
@@ -204,8 +206,8 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
     metrics.CHUNKS.labels(queue=GPU_QUEUE, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
     done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
-    current = state().get(job_id) or {}
-    resend = _is_redelivery(self) and done >= len(plan.chunks) and current.get("status") == "running"
+    # a redelivered task whose first delivery died before publishing summarize sends it now
+    resend = _is_redelivery(self) and done >= len(plan.chunks) and state().status(job_id) == "running"
     if completed_job or resend:
         state().incr(job_id, "summarize_sent")
         summarize.publish(plan.spec.priority, f"{job_id}-summarize", job_id=job_id, source=source)
