@@ -70,9 +70,18 @@ class Settings(BaseSettings):
     sqs_endpoint_url: str | None = None
     webhook_token: SecretStr | None = None
 
-    # Workers
-    max_retries: int = Field(default=5, ge=0)
-    retry_backoff_max_seconds: int = Field(default=300, ge=1)
+    # Workers and recovery (README "Reliability"): leases, the watchdog, retry budgets
+    lease_seconds: float = Field(default=45.0, ge=3)  # a running step's lease expires this long after its last renewal
+    lease_renew_seconds: float = Field(default=10.0, gt=0)  # how often a worker renews the leases it holds
+    watchdog_interval_seconds: float = Field(default=15.0, ge=0)  # one sweep per interval across all workers; 0 = off
+    publish_grace_seconds: float = Field(default=60.0, ge=1)  # a job queued this long without its message is re-sent
+    max_worker_deaths: int = Field(default=3, ge=1)  # a step that kills its worker this often fails its job
+    redis_retry_seconds: float = Field(default=300.0, ge=0)  # how long workers ride out a Redis outage in a task
+    retry_budget_seconds: float = Field(default=1800.0, ge=0)  # how long a step retries transient errors
+    retry_min_seconds: float = Field(default=5.0, gt=0)  # backoff floor between retries
+    retry_max_seconds: float = Field(default=300.0, gt=0)  # backoff ceiling between retries
+    soft_shutdown_seconds: float = Field(default=8.0, ge=0)  # SIGTERM: finish within this, then hand tasks back
+    # The broker's last resort: Redis redelivers an unacknowledged message after this long (leases come first).
     visibility_timeout_seconds: int = Field(default=6 * 3600, ge=60)
     flower_basic_auth: SecretStr | None = None  # "user:password" for omniq flower
     metrics_basic_auth: SecretStr | None = None  # "user:password" for a metrics port beyond loopback

@@ -105,13 +105,22 @@ def finalize(
     return manifest
 
 
+def error_text(error: BaseException | str) -> str:
+    """How a failure is recorded: ``Type: message`` for an exception, the text itself otherwise."""
+    return error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+
 def write_failure(
-    spec: JobSpec, storage: Storage, settings: Settings, error: BaseException, timings: dict[str, float] | None = None
+    spec: JobSpec,
+    storage: Storage,
+    settings: Settings,
+    error: BaseException | str,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Record a failed job: a manifest with the reason, so status and results say why."""
     manifest = _base_manifest(spec, settings) | {
         "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
+        "error": error_text(error),
         "timings": timings or {},
         "finished_at": _now(),
         "outputs": {},
@@ -120,6 +129,15 @@ def write_failure(
     if not settings.keep_work:
         storage.delete_prefix(work_prefix(spec.job_id))
     return manifest
+
+
+def job_manifest(storage: Storage, media_id: str, job_id: str) -> dict[str, Any] | None:
+    """The manifest this very job run wrote (done or failed), if it has written one."""
+    key = f"{results_prefix(media_id)}/manifest.json"
+    if not storage.exists(key):
+        return None
+    manifest = get_json(storage, key)
+    return manifest if manifest.get("job_id") == job_id else None
 
 
 def finished_manifest(storage: Storage, media_id: str, config_hash: str) -> dict[str, Any] | None:

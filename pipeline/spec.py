@@ -106,10 +106,14 @@ def make_spec(
     )
 
 
-def settings_for(spec: JobSpec, settings: Settings) -> Settings:
-    """The worker's settings with the job's output-shaping config applied (the job was named with it)."""
-    wanted = {k: v for k, v in spec.config.items() if k in Settings.model_fields and k != "model"}
-    if spec.config.get("model") not in (None, settings.model):
+def settings_for(spec: JobSpec, settings: Settings, *, runs_model: bool = False) -> Settings:
+    """The worker's settings with the job's output-shaping config applied (the job was named with it).
+
+    ``runs_model``: this worker runs the model, which must be the job's (each model has its own GPU queue,
+    so this only fails for a worker started on another model's queue by hand).
+    """
+    wanted = {k: v for k, v in spec.config.items() if k in Settings.model_fields}
+    if runs_model and spec.config.get("model") not in (None, settings.model):
         raise ConfigError(
             f"job {spec.job_id} was enqueued for model {spec.config.get('model')!r} but this worker runs "
             f"{settings.model!r}; start a worker with OMNIQ_MODEL={spec.config.get('model')}"

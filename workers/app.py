@@ -1,6 +1,9 @@
-"""The Celery app: JSON only, late acks, prefetch 1, no result backend, queues ``media`` and ``gpu``."""
+"""The Celery app: JSON only, late acks, prefetch 1, no result backend; queue ``media`` and one GPU queue per model."""
 
 from __future__ import annotations
+
+import hashlib
+import re
 
 from celery import Celery
 from kombu import Queue
@@ -8,14 +11,27 @@ from kombu import Queue
 from pipeline.config import Settings
 
 MEDIA_QUEUE = "media"
-GPU_QUEUE = "gpu"
+GPU_QUEUE = "gpu"  # the kind; each model has its own queue, see gpu_queue_for
+GPU_TASKS = frozenset({"omniq.infer", "omniq.summarize"})
 
 TASK_ROUTES = {
     "omniq.ingest": {"queue": MEDIA_QUEUE},
     "omniq.finalize": {"queue": MEDIA_QUEUE},
-    "omniq.infer": {"queue": GPU_QUEUE},
+    "omniq.infer": {"queue": GPU_QUEUE},  # publishers name the model's queue (gpu_queue_for)
     "omniq.summarize": {"queue": GPU_QUEUE},
 }
+
+
+def gpu_queue_for(model: str) -> str:
+    """The GPU queue of one model: ``gpu.tiny``, ``gpu.Qwen-Qwen3-Omni-30B-A3B-Instruct``.
+
+    A worker consumes only its own model's queue, so a job never reaches a worker with another model.
+    Names that had to be changed to fit (paths, odd characters) get a short hash so two never collide.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.")[:80] or "model"
+    if slug != model:
+        slug += "-" + hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{GPU_QUEUE}.{slug}"
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -32,7 +48,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_routes": TASK_ROUTES,
-        "task_queues": [Queue(MEDIA_QUEUE), Queue(GPU_QUEUE)],
+        "task_queues": [Queue(MEDIA_QUEUE), Queue(gpu_queue_for(settings.model))],
         "task_default_queue": MEDIA_QUEUE,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
@@ -48,7 +64,20 @@ def celery_config(settings: Settings) -> dict[str, object]:
         },
         "task_default_priority": 4,
         "worker_hijack_root_logger": False,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A lost broker connection does not stop running tasks: they ride out the outage (job state retries
+        # on a time budget) and are idempotent if their message comes back; leases catch the rest.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_connection_max_retries": None,  # workers reconnect by themselves, however long Redis is away
+        # publishing (next steps, retries) waits out a short broker outage: ~5 s between tries
+        "task_publish_retry_policy": {
+            "max_retries": max(1, int(settings.redis_retry_seconds // 5)),
+            "interval_start": 0.5,
+            "interval_step": 1.0,
+            "interval_max": 5.0,
+        },
+        # SIGTERM (a deploy): let running tasks finish for this long, then hand their messages back
+        # (``omniq worker`` maps SIGTERM to Celery's cold shutdown, which honours this timeout)
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_seconds,
     }
 
 

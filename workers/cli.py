@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -70,25 +71,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = ("media", "gpu")
     if args.queue not in queues:
         raise ConfigError(f"--queue {args.queue!r}: use 'media' (ffmpeg, CPU) or 'gpu' (the model)")
+    # SIGTERM (docker stop, a deploy) runs Celery's cold shutdown, which waits OMNIQ_SOFT_SHUTDOWN_SECONDS for
+    # running tasks and then hands their messages back at once; billiard reads this when celery is imported
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     if args.metrics_port is not None:
         # before anything imports prometheus_client: every pool process writes its values here
         directory = tempfile.mkdtemp(prefix="omniq-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    from workers.app import GPU_QUEUE, app
+    from workers.app import GPU_QUEUE, app, gpu_queue_for
 
+    settings = Settings()
     if args.metrics_port is not None:
         from workers.metrics import merged_registry, serve_metrics
 
-        auth = Settings().metrics_basic_auth
+        auth = settings.metrics_basic_auth
         server = serve_metrics(
             args.metrics_host, args.metrics_port, merged_registry(), auth.get_secret_value() if auth else None
         )
         print(f"metrics: http://{args.metrics_host}:{server.server_address[1]}/metrics", file=sys.stderr, flush=True)
-    argv = ["worker", "--queues", args.queue, "--hostname", f"{args.queue}-{os.getpid()}@%h", "--task-events"]
+    queue = gpu_queue_for(settings.model) if args.queue == GPU_QUEUE else args.queue
+    argv = ["worker", "--queues", queue, "--hostname", f"{args.queue}-{os.getpid()}@%h", "--task-events"]
     argv += ["--loglevel", "INFO" if args.verbose else "WARNING"]
     if args.queue == GPU_QUEUE:
-        # one model per process; 'solo' never forks, so CUDA is initialised in the process that uses it
-        argv += ["--pool", "solo"]
+        # One model per process, run in a thread of the pool: the main thread keeps sending heartbeats and
+        # answering 'celery inspect' during a long batch (Flower shows the worker online), and nothing forks
+        # after CUDA is initialised.
+        argv += ["--pool", "threads", "--concurrency", "1"]
     else:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
     app.worker_main(argv)
@@ -168,36 +176,7 @@ def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
     return tqdm(desc="listing and enqueueing", unit=" files", file=sys.stderr)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from workers.state import JobState
-
-    settings = Settings()
-    state = JobState.from_url(settings.broker_url)
-    if args.job_id:
-        job = state.get(args.job_id)
-        if job is None:
-            print(f"omniq: no job {args.job_id!r} in {_redacted(settings.broker_url)}; check the id", file=sys.stderr)
-            return 1
-        jobs = [job]
-    else:
-        jobs = state.recent(args.limit)
-    fields = ("job_id", "source", "status", "chunks_total", "chunks_done", "error")
-    if args.json:
-        print(
-            json.dumps(
-                [{k: job[k] for k in fields} for job in jobs] if not args.job_id else {k: jobs[0][k] for k in fields},
-                indent=2,
-            )
-        )
-        return 0
-    for job in jobs:
-        error = f"  {job['error']}" if job["error"] else ""
-        progress = f"{job['chunks_done']}/{job['chunks_total']} chunks"
-        print(f"{job['job_id']}  {job['status']:<11} {progress}  {job['source']}{error}")
-    return 0
-
-
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """A URL without its password, for messages."""
     from urllib.parse import urlsplit, urlunsplit
 
@@ -253,11 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)
 
-    status = commands.add_parser("status", help="show jobs and their chunk progress")
-    status.add_argument("job_id", nargs="?")
-    status.add_argument("--limit", type=int, default=50)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    from workers.cli_jobs import add_commands as add_job_commands
+
+    add_job_commands(commands)
 
     from workers.cli_search import add_commands as add_search_commands
     from workers.cli_triggers import add_commands as add_trigger_commands
@@ -285,7 +262,23 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language", help="spoken language, e.g. English (default: detect)")
 
 
+# Exit statuses of every command (README, "Exit statuses").
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_REDIS, EXIT_NO_STORAGE = 0, 1, 2, 3, 4
+
+
+def _unreachable_reason(error: BaseException) -> str:
+    """``Connection refused`` out of redis-py's ``Error 111 connecting to host:port. Connection refused.``"""
+    text = str(error).strip()
+    match = re.match(r"Error \d+ connecting to \S+?\.?\s+(.*?)\.?$", text)
+    return (match.group(1) if match else text) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from pipeline.errors import TransientError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -293,12 +286,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError) as error:
+        url = redacted(Settings().broker_url)
+        print(f"omniq: cannot reach Redis at {url} ({_unreachable_reason(error)})", file=sys.stderr)
+        return EXIT_NO_REDIS
+    except TransientError as error:  # storage (S3) unreachable or failing
+        print(f"omniq: cannot reach storage: {error}", file=sys.stderr)
+        return EXIT_NO_STORAGE
     except OmniqError as error:
         print(f"omniq: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except ValueError as error:  # pydantic validation of settings
         print(f"omniq: invalid setting: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ TASK_SECONDS = Histogram(
     "omniq_task_seconds", "Task run time", (*LABELS, "task"), buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200)
 )
 RETRIES = Counter("omniq_task_retries", "Task retries after transient errors", (*LABELS, "task"))
+RECOVERED = Counter(
+    "omniq_recovered_units", "Units of work the watchdog sent again, by why", ("queue", "model", "reason")
+)
+WORKER_DEATHS = Counter("omniq_worker_deaths", "Units whose worker died while running them", ("queue", "model"))
 
 
 def merged_registry() -> CollectorRegistry:

@@ -3,6 +3,10 @@
 For large inputs (an S3 prefix of 10,000 objects) the costs are: one S3 listing request per 1,000 objects
 (fingerprints come from the listing), one Redis round trip per 500 jobs to find finished/running ones, and
 one broker connection for all messages. The store is read only for jobs Redis does not know.
+
+Each job is recorded in the store (``work/<job>/spec.json``) before its state is created and its message
+sent; the watchdog sends the message of a job that is ``queued`` but was never sent (a producer that died
+between the two), and ``omniq recover`` rebuilds jobs from the store if Redis loses its data.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import islice
 
 from pipeline import job
@@ -18,12 +24,18 @@ from pipeline.config import Settings
 from pipeline.discover import Discovered, Filters, discover
 from pipeline.errors import OmniqError
 from pipeline.sources import local_path
+from pipeline.spec import put_json
 from pipeline.storage import Storage
+from workers.leases import Leases
+from workers.recovery import INGEST
+from workers.restore import SPEC_FILE
 from workers.state import ACTIVE, JobState
+from workers.watchdog import is_stale
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
+PREPARE_THREADS = 16
 
 
 @dataclass
@@ -75,7 +87,7 @@ def enqueue(
     """Enqueue every source (files, directories, S3 prefixes); returns one outcome per discovered source.
 
     A job already done with the same content and config is skipped unless ``force``; a job that is queued
-    or running is always skipped (forcing it would restart work in flight).
+    or running is skipped, unless ``force`` and no worker has held it for a lease period (then it restarts).
     """
     from workers.app import app
     from workers.tasks import ingest
@@ -90,7 +102,8 @@ def enqueue(
             progress(outcome)
 
     seen: set[str] = set()
-    with app.connection_for_write() as connection:
+    leases = Leases(state, settings.lease_seconds, settings.lease_renew_seconds)
+    with app.connection_for_write() as connection, ThreadPoolExecutor(PREPARE_THREADS) as pool:
         for batch in _batches(discover(sources, settings, filters), BATCH):
             slots: list[Enqueued | None] = [None] * len(batch)  # outcomes in input order
             specs: list[tuple[int, job.JobSpec]] = []
@@ -105,20 +118,29 @@ def enqueue(
                 seen.add(spec.job_id)
                 specs.append((position, spec))
             statuses = state.statuses([spec.job_id for _, spec in specs])
-            to_publish: list[tuple[int, job.JobSpec]] = []
+            candidates: list[tuple[int, job.JobSpec]] = []
+            forced: set[str] = set()
             for (position, spec), status in zip(specs, statuses, strict=True):
                 if status in ACTIVE:
-                    slots[position] = Enqueued(spec.source, spec.job_id, "skipped", f"already {status}")
+                    if not (force and is_stale(state, leases, spec.job_id, settings)):
+                        slots[position] = Enqueued(spec.source, spec.job_id, "skipped", f"already {status}")
+                        continue
+                    forced.add(spec.job_id)  # no worker holds it and it made no progress: restart it
                 elif not force and (status == "done" or (status is None and store_check.done(spec))):
                     slots[position] = Enqueued(spec.source, spec.job_id, "skipped", "already done with this config")
+                    continue
+                candidates.append((position, spec))
+            # uploads and spec.json writes in parallel: on S3 each is a request of its own
+            errors = list(pool.map(lambda pair: _prepare(pair[1], storage, force), candidates))
+            to_publish: list[tuple[int, job.JobSpec]] = []
+            for (position, spec), error in zip(candidates, errors, strict=True):
+                if error is None:
+                    to_publish.append((position, spec))
                 else:
-                    try:
-                        _prepare(spec, storage, force)
-                        to_publish.append((position, spec))
-                    except OmniqError as error:
-                        slots[position] = Enqueued(spec.source, spec.job_id, "rejected", str(error))
+                    slots[position] = Enqueued(spec.source, spec.job_id, "rejected", str(error))
             payloads = [spec.to_dict() for _, spec in to_publish]
-            created = state.create_many(payloads)
+            created = state.create_many(payloads, forced)
+            sent: list[tuple[str, str, None]] = []
             for (position, spec), payload, result in zip(to_publish, payloads, created, strict=True):
                 if result != "created":  # another producer got there first
                     slots[position] = Enqueued(spec.source, spec.job_id, "skipped", f"already {result}")
@@ -131,19 +153,29 @@ def enqueue(
                     source=spec.source,
                     spec=payload,
                 )
+                sent.append((spec.job_id, INGEST, None))
                 slots[position] = Enqueued(spec.source, spec.job_id, "enqueued")
+            # a crash before this line leaves jobs 'queued' without 'sent': the watchdog sends them
+            state.mark_sent(sent)
             for outcome in slots:
                 assert outcome is not None
                 record(outcome)
     return outcomes
 
 
-def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> None:
-    """Make the source readable by every worker; a forced run starts without an earlier run's chunks."""
-    if force:
-        storage.delete_prefix(job.work_prefix(spec.job_id))
-    path = local_path(spec.source)
-    if path is not None and not storage.url.startswith("file:"):
-        key = f"{job.work_prefix(spec.job_id)}/input/{path.name}"
-        storage.put_file(key, path)  # remote workers cannot read this machine's disk
-        spec.input_uri = storage.uri(key)
+def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> OmniqError | None:
+    """Make the source readable by every worker and record the job in the store (``work/<job>/spec.json``),
+    so that a Redis that loses its data loses no job. A forced run starts without an earlier run's files."""
+    try:
+        if force:
+            storage.delete_prefix(job.work_prefix(spec.job_id))
+        path = local_path(spec.source)
+        if path is not None and not storage.url.startswith("file:"):
+            key = f"{job.work_prefix(spec.job_id)}/input/{path.name}"
+            storage.put_file(key, path)  # remote workers cannot read this machine's disk
+            spec.input_uri = storage.uri(key)
+        document = {**spec.to_dict(), "enqueued_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        put_json(storage, f"{job.work_prefix(spec.job_id)}/{SPEC_FILE}", document)
+    except OmniqError as error:
+        return error
+    return None

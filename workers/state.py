@@ -1,7 +1,12 @@
-"""Job state in Redis: a hash per job, a set of finished chunks, and once-only transitions.
+"""Job state in Redis: a hash per job, a set of finished chunks, the job's units of work, once-only transitions.
 
-Chunk completion is a set add, so a redelivered task changes nothing; the move to "all chunks
-done" happens in one Lua script that lets exactly one caller win. No Celery chords, no result backend.
+Chunk completion is a set add, so a redelivered task changes nothing; the move to "all chunks done"
+happens in one Lua script that lets exactly one caller win. No Celery chords, no result backend.
+
+A job is done in *units*, one message each: ``ingest``, ``infer-<first chunk>`` (a batch), ``summarize`` and
+``finalize``. For each unit the hash ``omniq:job:<id>:units`` records when it was sent, started (a worker
+took its lease, see ``workers.leases``), finished, retried, and how often its worker died. The watchdog
+(``workers.watchdog``) reads these fields to find work that a dead worker or producer left behind.
 """
 
 from __future__ import annotations
@@ -9,13 +14,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 PREFIX = "omniq"
-JOBS_INDEX = f"{PREFIX}:jobs"
+JOBS_INDEX = f"{PREFIX}:jobs"  # every job, scored by creation time (for `omniq status`)
+ACTIVE_SET = f"{PREFIX}:active"  # jobs that are queued or running (what the watchdog looks at)
+PENDING_FAILURES = f"{PREFIX}:pending-failures"  # failed jobs whose manifest could not be written yet
 ACTIVE = ("queued", "ingesting", "running", "summarizing", "finalizing")
+FINISHED = ("done", "failed", "cancelled")
+
+T = TypeVar("T")
 
 # KEYS: done-set, trigger; ARGV: total, claimant, indices...
 _COMPLETE = """
@@ -26,12 +39,14 @@ if n >= tonumber(ARGV[1]) then
 end
 return {n, 0}
 """
-# KEYS: job hash, chunks set, trigger, finalize claim, jobs index; ARGV: job_id, source, media_id, spec, now, tag
-# (Re)creates a job unless it is queued or running: two producers racing on one file enqueue it once.
+# KEYS: job hash, chunks set, trigger, units, jobs index, active set;
+# ARGV: job_id, source, media_id, spec, now, tag, force
+# (Re)creates a job unless it is queued or running (or ``force``, which the caller gives only for a job whose
+# leases are all stale): two producers racing on one file enqueue it once.
 _CREATE = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' or status == 'ingesting' or status == 'running' or status == 'summarizing'
-   or status == 'finalizing' then
+if ARGV[7] ~= '1' and (status == 'queued' or status == 'ingesting' or status == 'running'
+   or status == 'summarizing' or status == 'finalizing') then
   return status
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -39,13 +54,77 @@ redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'source', ARGV[2], 'media_id', AR
            'status', 'queued', 'chunks_total', 0, 'error', '', 'created_at', ARGV[5], 'updated_at', ARGV[5],
            'tag', ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[1])
 return 'created'
 """
-# KEYS: claim; ARGV: token — delete only if we still hold it
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# KEYS: job hash, active set; ARGV: job_id, new status, now, allowed statuses (space separated), fields...
+# Changes the status only from one of the allowed ones: a late step cannot revive a finished job.
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if not string.find(' ' .. ARGV[4] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] == 'done' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[1], 'retry_at', 'retry_reason')
+end
+return 'ok'
 """
+
+
+class BudgetRetry(Retry):
+    """redis-py's retry with a time budget instead of a count: a worker rides out a Redis restart.
+
+    Connection and timeout errors are retried with exponential backoff (0.2 s doubling to 5 s) until
+    ``seconds`` have passed since the first failure; then the last error is raised.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            ExponentialBackoff(cap=5.0, base=0.2),
+            retries=-1,
+            supported_errors=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError),
+        )
+        self.seconds = seconds
+
+    def call_with_retry(  # type: ignore[override]
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        self._backoff.reset()
+        failures = 0
+        deadline = time.monotonic() + self.seconds
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                pause = self._backoff.compute(failures)
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+
+
+def redis_client(url: str, retry_seconds: float) -> redis.Redis:
+    """A client that retries connection errors for ``retry_seconds`` (0: fail on the first error)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry=BudgetRetry(retry_seconds),
+    )
 
 
 class JobState:
@@ -54,27 +133,36 @@ class JobState:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
         self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
 
     @classmethod
-    def from_url(cls, url: str) -> JobState:
-        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=30, health_check_interval=30))
+    def from_url(cls, url: str, retry_seconds: float = 2.0) -> JobState:
+        """Job state at ``url``. Commands (the CLI, triggers) keep the default: a down Redis is reported at
+        once. Workers pass ``OMNIQ_REDIS_RETRY_SECONDS`` so a task survives a Redis restart."""
+        return cls(redis_client(url, retry_seconds))
 
     @staticmethod
     def key(job_id: str, part: str = "") -> str:
         return f"{PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
-    def create(self, job_id: str, source: str, media_id: str, spec: dict[str, Any]) -> str:
-        """(Re)start a job's state, forgetting an earlier run's chunks, trigger and claims.
+    # -- creating jobs ----------------------------------------------------------------------------------
+
+    def create(self, job_id: str, source: str, media_id: str, spec: dict[str, Any], force: bool = False) -> str:
+        """(Re)start a job's state, forgetting an earlier run's chunks, trigger and units.
 
         Returns "created", or the current status when the job is already queued or running (then nothing
-        changes: a second producer must not restart a running job).
+        changes: a second producer must not restart a running job) unless ``force``.
         """
-        return self.create_many([{**spec, "job_id": job_id, "source": source, "media_id": media_id}])[0]
+        spec = {**spec, "job_id": job_id, "source": source, "media_id": media_id}
+        return self.create_many([spec], forced={job_id} if force else set())[0]
 
-    def create_many(self, specs: list[dict[str, Any]]) -> list[str]:
-        """:meth:`create` for many jobs in one round trip (specs are ``JobSpec.to_dict()`` values)."""
+    def create_many(self, specs: list[dict[str, Any]], forced: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """:meth:`create` for many jobs in one round trip (specs are ``JobSpec.to_dict()`` values).
+
+        Jobs in ``forced`` are recreated even when active: the caller checked that no worker holds them.
+        """
+        now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
             for spec in specs:
                 job_id = spec["job_id"]
@@ -82,12 +170,16 @@ class JobState:
                     self.key(job_id),
                     self.key(job_id, "chunks"),
                     self.key(job_id, "trigger"),
-                    self.key(job_id, "finalize"),
+                    self.key(job_id, "units"),
                     JOBS_INDEX,
+                    ACTIVE_SET,
                 ]
-                args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), time.time(), spec.get("tag") or ""]
+                force = "1" if job_id in forced else "0"
+                args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), now, spec.get("tag") or "", force]
                 self._create(keys=keys, args=args, client=pipe)
             return [str(result) for result in pipe.execute()]
+
+    # -- status -----------------------------------------------------------------------------------------
 
     def status(self, job_id: str) -> str | None:
         """A job's status alone (one field read), None for an unknown job."""
@@ -100,8 +192,26 @@ class JobState:
                 pipe.hget(self.key(job_id), "status")
             return pipe.execute()
 
-    def set_status(self, job_id: str, status: str, **fields: Any) -> None:
-        mapping = {"status": status, "updated_at": time.time(), **{k: _text(v) for k, v in fields.items()}}
+    def advance(self, job_id: str, status: str, **fields: Any) -> bool:
+        """Move an active job to another active status (e.g. ``running``); False when it has ended."""
+        return self._set(job_id, status, ACTIVE, fields) == "ok"
+
+    def finish(self, job_id: str, status: str, **fields: Any) -> bool:
+        """End a job (``done``, ``failed`` or ``cancelled``). Only an active job can end: a late failure
+        cannot turn a done job into a failed one, and a cancelled job stays cancelled."""
+        assert status in FINISHED, status
+        return self._set(job_id, status, ACTIVE, fields) == "ok"
+
+    def _set(self, job_id: str, status: str, allowed: tuple[str, ...], fields: dict[str, Any]) -> str | None:
+        flat: list[Any] = []
+        for name, value in fields.items():
+            flat += [name, _text(value)]
+        keys = [self.key(job_id), ACTIVE_SET]
+        return self._transition(keys=keys, args=[job_id, status, time.time(), " ".join(allowed), *flat])
+
+    def touch(self, job_id: str, **fields: Any) -> None:
+        """Record progress (``updated_at``) and optional fields without changing the status."""
+        mapping = {"updated_at": time.time(), **{k: _text(v) for k, v in fields.items()}}
         self.redis.hset(self.key(job_id), mapping=mapping)
 
     def add_timings(self, job_id: str, timings: dict[str, float]) -> None:
@@ -114,6 +224,12 @@ class JobState:
     def incr(self, job_id: str, counter: str) -> int:
         return int(self.redis.hincrby(self.key(job_id), counter, 1))
 
+    def spec(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.key(job_id), "spec")
+        return json.loads(raw) if raw else None
+
+    # -- chunks and units -------------------------------------------------------------------------------
+
     def complete_chunks(self, job_id: str, indices: list[int], total: int) -> tuple[int, bool]:
         """Mark chunks done; return (chunks done, whether this call is the one that completed the job)."""
         token = uuid.uuid4().hex
@@ -123,15 +239,58 @@ class JobState:
         self.redis.hset(self.key(job_id), "updated_at", time.time())
         return int(done), bool(fired)
 
-    def claim(self, job_id: str, step: str, ttl_seconds: int) -> str | None:
-        """Hold a step exclusively; returns a token to release it, or None when someone else holds it."""
-        token = uuid.uuid4().hex
-        if self.redis.set(self.key(job_id, step), token, nx=True, ex=ttl_seconds):
-            return token
-        return None
+    def done_chunks(self, job_id: str) -> set[int]:
+        return {int(i) for i in self.redis.smembers(self.key(job_id, "chunks"))}
 
-    def release(self, job_id: str, step: str, token: str) -> None:
-        self._release(keys=[self.key(job_id, step)], args=[token])
+    def units(self, job_id: str) -> dict[str, str]:
+        """The raw unit fields (``<unit>:sent``, ``:started``, ``:done``, ``:deaths``, ``:chunks`` ...)."""
+        return self.redis.hgetall(self.key(job_id, "units"))
+
+    def mark_sent(self, entries: list[tuple[str, str, list[int] | None]]) -> None:
+        """Record that units were published: (job id, unit, its chunks or None), in one round trip."""
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, unit, chunks in entries:
+                mapping: dict[str, Any] = {f"{unit}:sent": now}
+                if chunks is not None:
+                    mapping[f"{unit}:chunks"] = ",".join(str(c) for c in chunks)
+                pipe.hset(self.key(job_id, "units"), mapping=mapping)
+            pipe.execute()
+
+    def was_sent(self, job_id: str, unit: str) -> bool:
+        return bool(self.redis.hexists(self.key(job_id, "units"), f"{unit}:sent"))
+
+    def unit_done(self, job_id: str, unit: str) -> None:
+        """A unit finished, successors published: it never needs to run again."""
+        units = self.key(job_id, "units")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(units, f"{unit}:done", time.time())
+            pipe.hdel(units, f"{unit}:started", f"{unit}:retry_at", f"{unit}:retry_since", f"{unit}:retry_reason")
+            pipe.hset(self.key(job_id), "updated_at", time.time())
+            pipe.hdel(self.key(job_id), "retry_at", "retry_reason")
+            pipe.execute()
+
+    def is_unit_done(self, job_id: str, unit: str) -> bool:
+        return bool(self.redis.hexists(self.key(job_id, "units"), f"{unit}:done"))
+
+    def unit_retrying(self, job_id: str, unit: str, reason: str, at: float) -> float:
+        """Record that a unit waits to retry until ``at``; returns when its retrying began (for the budget)."""
+        units = self.key(job_id, "units")
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(units, f"{unit}:retry_since", now)
+            pipe.hset(units, mapping={f"{unit}:retry_at": at, f"{unit}:retry_reason": reason})
+            pipe.hdel(units, f"{unit}:started")
+            pipe.hget(units, f"{unit}:retry_since")
+            pipe.hset(self.key(job_id), mapping={"retry_at": at, "retry_reason": reason, "updated_at": now})
+            since = pipe.execute()[3]
+        return float(since or now)
+
+    def retry_since(self, job_id: str, unit: str) -> float | None:
+        value = self.redis.hget(self.key(job_id, "units"), f"{unit}:retry_since")
+        return float(value) if value else None
+
+    # -- reading ----------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         data = self.redis.hgetall(self.key(job_id))
@@ -145,13 +304,25 @@ class JobState:
             "chunks_total": int(data.get("chunks_total", 0) or 0),
             "chunks_done": int(self.redis.scard(self.key(job_id, "chunks"))),
             "error": data.get("error") or None,
+            "created_at": float(data.get("created_at", 0) or 0),
             "updated_at": float(data.get("updated_at", 0) or 0),
+            "retry_at": float(data["retry_at"]) if data.get("retry_at") else None,
+            "retry_reason": data.get("retry_reason") or None,
+            "model": (json.loads(data["spec"]).get("config", {}).get("model") if data.get("spec") else None),
         }
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         job_ids = self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)
         jobs = [self.get(job_id) for job_id in job_ids]
         return [job for job in jobs if job is not None]
+
+    def active_ids(self) -> Iterator[str]:
+        yield from self.redis.sscan_iter(ACTIVE_SET, count=500)
+
+    def failed_ids(self, limit: int = 100_000) -> list[str]:
+        """Failed jobs, newest first (for ``omniq retry --failed``)."""
+        job_ids = self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)
+        return [j for j, s in zip(job_ids, self.statuses(job_ids), strict=True) if s == "failed"]
 
 
 def _text(value: Any) -> str | int | float:

@@ -1,28 +1,37 @@
 """Thin Celery tasks: decode ids, call a ``pipeline.job`` step, record state, hand on to the next step.
 
-Retry policy lives in :class:`OmniqTask`: transient errors retry with backoff and jitter; permanent
-errors (corrupt media, limits, bad config) fail the job at once with the reason in its manifest and
-state, and the worker goes on serving other jobs.
+Every message is one *unit* of a job (``ingest``, ``infer-<first chunk>``, ``summarize``, ``finalize``).
+:class:`OmniqTask` holds the unit's lease while it runs (``workers.leases``), drops duplicates of units that
+are done or held by a live worker, retries transient errors on a time budget, and fails the job with the
+reason in its manifest and state for permanent errors, or when the unit has killed its worker too often.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
+import threading
 import time
 from functools import cache
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, signals
+from celery.exceptions import Ignore, Retry
+from kombu.exceptions import OperationalError
 
 from pipeline import job
 from pipeline.config import Settings
 from pipeline.engines.base import Engine
-from pipeline.errors import OmniqError, TransientError
+from pipeline.errors import OmniqError, SourceNotFound, TransientError
+from pipeline.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
-from workers import metrics
-from workers.app import GPU_QUEUE, MEDIA_QUEUE, TASK_ROUTES, app
-from workers.state import JobState
+from workers import metrics, watchdog
+from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
+from workers.leases import Leases
+from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
+from workers.state import FINISHED, PENDING_FAILURES, JobState
 
 
 def task_repr(job_id: str, source: str, **extra: object) -> str:
@@ -38,7 +47,8 @@ def broker_priority(priority: int) -> int:
 
 log = logging.getLogger(__name__)
 
-FINALIZE_CLAIM_SECONDS = 900
+# What a transient failure looks like from inside a task: retried on the time budget, never a job failure.
+TRANSIENT = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 
 @cache
@@ -53,7 +63,12 @@ def storage() -> Storage:
 
 @cache
 def state() -> JobState:
-    return JobState.from_url(settings().broker_url)
+    return JobState.from_url(settings().broker_url, retry_seconds=settings().redis_retry_seconds)
+
+
+@cache
+def leases() -> Leases:
+    return Leases(state(), settings().lease_seconds, settings().lease_renew_seconds)
 
 
 @cache
@@ -83,16 +98,24 @@ def _observe_batch(rows: int, new_tokens: int, seconds: float) -> None:
         metrics.TOKENS_PER_SECOND.labels(**labels).observe(new_tokens / seconds)
 
 
-class OmniqTask(Task):
-    """Shared behaviour: retry transient errors; record permanent failures on the job."""
+def unit_of(task_name: str, kwargs: dict[str, Any]) -> str:
+    """The unit a message carries (see ``workers.state``)."""
+    if task_name == "omniq.infer":
+        return str(kwargs.get("unit") or f"infer-{kwargs['chunks'][0]}")
+    return task_name.removeprefix("omniq.")
 
-    autoretry_for = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-    retry_backoff = 5
-    retry_jitter = True
+
+def retry_delay(attempt: int, floor: float, ceiling: float) -> float:
+    """Exponential backoff with jitter, never under ``floor``: 5 s, ~10 s, ~20 s ... up to ``ceiling``."""
+    exponential = min(ceiling, floor * 2**attempt)
+    return max(floor, exponential * random.uniform(0.5, 1.0))
+
+
+class OmniqTask(Task):
+    """Shared behaviour: leases, duplicate drops, budgeted retries, failures recorded on the job."""
+
     acks_late = True
     reject_on_worker_lost = True
-    max_retries = settings().max_retries
-    retry_backoff_max = settings().retry_backoff_max_seconds
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Time every task and how long it waited in its queue: one place for all tasks."""
@@ -102,23 +125,82 @@ class OmniqTask(Task):
             metrics.QUEUE_WAIT.labels(**labels).observe(max(0.0, time.time() - float(sent_at)))
         started = time.monotonic()
         try:
-            return super().__call__(*args, **kwargs)
+            if "job_id" not in kwargs:
+                return super().__call__(*args, **kwargs)
+            return self._run_unit(args, kwargs)
         finally:
             metrics.TASK_SECONDS.labels(**labels).observe(time.monotonic() - started)
 
+    def _run_unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        job_id, unit = kwargs["job_id"], unit_of(self.name, kwargs)
+        status = state().status(job_id)
+        if status in FINISHED or state().is_unit_done(job_id, unit):
+            log.info("dropping %s for job %s: %s", self.name, job_id, status if status in FINISHED else f"{unit} done")
+            return None
+        lease = leases().acquire(job_id, unit)
+        if not lease.held:
+            log.info("dropping a duplicate %s of job %s: %s is held by a live worker", self.name, job_id, unit)
+            return None
+        try:
+            if lease.deaths:
+                metrics.WORKER_DEATHS.labels(queue=self.queue_name, model=settings().model).inc()
+                if lease.deaths >= settings().max_worker_deaths:
+                    chunks = kwargs.get("chunks")
+                    fail_job(job_id, f"worker died {lease.deaths} times while {describe(unit, chunks)}")
+                    return None
+            result = super().__call__(*args, **kwargs)
+            state().unit_done(job_id, unit)
+            _clean_if_cancelled(job_id)
+            return result
+        except TRANSIENT as error:
+            raise self._retry_later(job_id, unit, error) from error
+        finally:
+            leases().release(job_id, unit, lease.holder)
+
+    def _retry_later(self, job_id: str, unit: str, error: BaseException) -> BaseException:
+        """Retry with backoff until the budget is spent; then the error becomes the job's failure."""
+        config = settings()
+        reason = str(error) or type(error).__name__
+        since = state().retry_since(job_id, unit) or time.time()
+        if time.time() - since >= config.retry_budget_seconds:
+            minutes = config.retry_budget_seconds / 60
+            return _GaveUp(f"{error_text(error)} (still failing after {minutes:g} min of retries)")
+        delay = retry_delay(self.request.retries, config.retry_min_seconds, config.retry_max_seconds)
+        try:
+            state().unit_retrying(job_id, unit, reason, time.time() + delay)
+            metrics.RETRIES.labels(queue=self.queue_name, model=config.model, task=self.name).inc()
+            log.warning("%s of job %s: %s; next attempt in %.0f s", unit, job_id, reason, delay)
+            return self.retry(exc=error, countdown=delay, max_retries=None)
+        except Retry as retry:
+            return retry
+        except Exception as unsent:  # Redis itself is down: the watchdog sends the unit again once it is back
+            log.warning("%s of job %s: cannot schedule its retry (%s); the watchdog resends it", unit, job_id, unsent)
+            return Ignore()
+
     @property
     def queue_name(self) -> str:
-        return TASK_ROUTES.get(self.name, {}).get("queue", MEDIA_QUEUE)
+        """The kind of queue (``media`` or ``gpu``) this task runs on, as metrics label it."""
+        return GPU_QUEUE if self.name in GPU_TASKS else MEDIA_QUEUE
 
-    def publish(self, priority: int, task_id: str | None = None, *, connection: Any = None, **kwargs: Any) -> None:
+    def publish(
+        self,
+        priority: int,
+        task_id: str | None = None,
+        *,
+        model: str | None = None,
+        connection: Any = None,
+        **kwargs: Any,
+    ) -> None:
         """Publish this task with readable kwargs for Flower, the job's priority and the send time.
 
-        ``connection`` reuses an open broker connection (the producer sends many messages over one).
+        GPU tasks go to the queue of the job's ``model``; ``connection`` reuses an open broker connection
+        (the producer sends many messages over one).
         """
         readable = {k: v for k, v in kwargs.items() if k not in ("job_id", "source", "spec")}
         self.apply_async(
             kwargs=kwargs,
             task_id=task_id,
+            queue=gpu_queue_for(model or settings().model) if self.name in GPU_TASKS else MEDIA_QUEUE,
             priority=broker_priority(priority),
             kwargsrepr=task_repr(kwargs["job_id"], kwargs["source"], **readable),
             headers={"omniq_sent_at": time.time()},
@@ -126,24 +208,66 @@ class OmniqTask(Task):
         )
 
     def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        metrics.RETRIES.labels(queue=self.queue_name, model=settings().model, task=self.name).inc()
-        log.warning("%s for job %s will be retried: %s", self.name, kwargs.get("job_id"), exc)
+        pass  # counted and logged in _retry_later, where the delay is known
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """A permanent error (or a spent retry budget) fails the job; never raises."""
         job_id = kwargs.get("job_id")
-        log.error("%s failed for job %s: %s", self.name, job_id, exc)
-        if not job_id:
+        if isinstance(exc, Retry):
             return
-        if state().status(job_id) == "done":  # a late duplicate must not turn a finished job into a failure
-            log.warning("ignoring failure of a late %s for finished job %s", self.name, job_id)
+        if not isinstance(exc, OmniqError):
+            log.error("%s of job %s raised an unexpected error", self.name, job_id, exc_info=exc)
+        if job_id:
+            fail_job(job_id, error_text(exc), kwargs.get("spec"))
+
+
+class _GaveUp(TransientError):
+    """A transient error that outlived the retry budget: raised so that on_failure fails the job."""
+
+
+def fail_job(job_id: str, reason: str, spec: dict[str, Any] | None = None) -> None:
+    """End a job as failed with ``reason`` in its state and manifest. Never raises.
+
+    The manifest is written now if the store answers, else the watchdog writes it once the store is back
+    (the job is kept in ``omniq:pending-failures`` until then).
+    """
+    try:
+        if not state().finish(job_id, "failed", error=reason):
+            log.warning("job %s has already ended; not recording this failure: %s", job_id, reason)
             return
-        try:
-            spec = job.JobSpec.from_dict(kwargs["spec"]) if "spec" in kwargs else _spec(job_id)
-            job.write_failure(spec, storage(), settings(), exc, state().timings(job_id))
-            job.update_index(_index_or_none(), storage(), spec.media_id)
-        finally:
-            state().set_status(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
-            metrics.JOBS.labels(queue=self.queue_name, model=settings().model, status="failed").inc()
+        log.error("job %s failed: %s", job_id, reason)
+        metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status="failed").inc()
+        state().redis.sadd(PENDING_FAILURES, job_id)
+        if spec is not None and not state().redis.hexists(JobState.key(job_id), "spec"):
+            state().touch(job_id, spec=spec)
+        write_failure_manifest(job_id)
+    except Exception:  # a failure handler must never fail: the job's state or manifest waits for the watchdog
+        log.exception("could not record the failure of job %s (the watchdog will try again)", job_id)
+
+
+def write_failure_manifest(job_id: str) -> bool:
+    """Write a failed job's manifest (and drop it from the index); True when written or not needed."""
+    record = state().redis.hgetall(JobState.key(job_id))
+    if record.get("status") != "failed" or not record.get("spec"):
+        state().redis.srem(PENDING_FAILURES, job_id)
+        return True
+    import json
+
+    spec = job.JobSpec.from_dict(json.loads(record["spec"]))
+    try:
+        job.write_failure(spec, storage(), settings(), record.get("error") or "failed", state().timings(job_id))
+    except OmniqError as error:
+        log.warning("the failed manifest of job %s is not written yet (will try again): %s", job_id, error)
+        return False
+    job.update_index(_index_or_none(), storage(), spec.media_id)
+    state().redis.srem(PENDING_FAILURES, job_id)
+    return True
+
+
+def _clean_if_cancelled(job_id: str) -> None:
+    """A step that ran while its job was cancelled removes what it wrote."""
+    if state().status(job_id) == "cancelled" and not settings().keep_work:
+        storage().delete_prefix(job.work_prefix(job_id))
 
 
 def _index_or_none():  # type: ignore[no-untyped-def]
@@ -154,98 +278,130 @@ def _index_or_none():  # type: ignore[no-untyped-def]
         return None
 
 
-def _spec(job_id: str) -> job.JobSpec:
-    import json
+def publish_unit(
+    spec: job.JobSpec, unit: str, chunks: list[int] | None = None, suffix: str = "", new_unit: bool = False
+) -> None:
+    """Send one unit of a job (the watchdog and ``omniq recover`` use this) and record it as sent.
 
-    raw = state().redis.hget(JobState.key(job_id), "spec")
-    if not raw:
-        raise OmniqError(f"job {job_id}: no state in Redis; re-enqueue the file")
-    return job.JobSpec.from_dict(json.loads(raw))
-
-
-def _finished(job_id: str, *also: str) -> bool:
-    """True when a (late or duplicate) message arrives for a job that has ended; it is then dropped."""
-    return state().status(job_id) in ("done", "failed", *also)
-
-
-def _is_redelivery(task: Task) -> bool:
-    return bool((task.request.delivery_info or {}).get("redelivered"))
+    ``new_unit`` records ``chunks`` as the unit's batch (a unit sent again keeps its original batch)."""
+    common = {"job_id": spec.job_id, "source": spec.source}
+    task_id = f"{spec.job_id}-{unit}{suffix}"
+    model = spec.config.get("model")
+    if unit == INGEST:
+        ingest.publish(spec.priority, task_id, spec=spec.to_dict(), **common)
+    elif unit == SUMMARIZE:
+        summarize.publish(spec.priority, task_id, model=model, **common)
+    elif unit == FINALIZE:
+        finalize.publish(spec.priority, task_id, **common)
+    else:
+        infer.publish(spec.priority, task_id, model=model, chunks=chunks, unit=unit, **common)
+    state().mark_sent([(spec.job_id, unit, chunks if new_unit else None)])
 
 
 @app.task(name="omniq.ingest", base=OmniqTask, bind=True)
 def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     """Probe, plan and extract a file, then send one ``omniq.infer`` per batch of chunks."""
-    if _finished(job_id):
-        return
     job_spec = job.JobSpec.from_dict(spec)
     job_settings = job.settings_for(job_spec, settings())
-    state().set_status(job_id, "ingesting")
+    if not state().advance(job_id, "ingesting"):
+        return  # cancelled meanwhile
     plan = job.ingest(job_spec, job_settings, storage())
     state().add_timings(job_id, plan.timings)
-    state().set_status(job_id, "running", chunks_total=len(plan.chunks))
     labels = {"queue": MEDIA_QUEUE, "model": settings().model}
     metrics.MEDIA_SECONDS.labels(**labels).inc(plan.info.duration_s)
     metrics.FFMPEG_SECONDS.labels(**labels).observe(plan.timings.get("ffmpeg_s", 0.0))
-    self.send_event("task-progress", job_id=job_id, step="ingested", chunks=len(plan.chunks))
     indices = [c.index for c in plan.chunks]
     size = job_settings.batch_size
-    for first in range(0, len(indices), size):
-        group = indices[first : first + size]
-        infer.publish(job_spec.priority, f"{job_id}-infer-{group[0]}", job_id=job_id, source=source, chunks=group)
+    groups = [indices[first : first + size] for first in range(0, len(indices), size)]
+    if not state().advance(job_id, "running", chunks_total=len(plan.chunks)):
+        return  # cancelled meanwhile
+    self.send_event("task-progress", job_id=job_id, step="ingested", chunks=len(plan.chunks))
+    for group in groups:
+        infer.publish(
+            job_spec.priority, f"{job_id}-infer-{group[0]}", model=job_spec.config.get("model"),
+            job_id=job_id, source=source, chunks=group,
+        )  # fmt: skip
+    state().mark_sent([(job_id, f"infer-{group[0]}", group) for group in groups])
 
 
 @app.task(name="omniq.infer", base=OmniqTask, bind=True)
-def infer(self: Task, job_id: str, source: str, chunks: list[int]) -> None:
+def infer(self: Task, job_id: str, source: str, chunks: list[int], unit: str | None = None) -> None:
     """Run the model on a batch of chunks; the task that completes the last chunk sends ``omniq.summarize``."""
-    if _finished(job_id):
-        return
     plan = job.load_plan(storage(), job_id)
-    job_settings = job.settings_for(plan.spec, settings())
+    job_settings = job.settings_for(plan.spec, settings(), runs_model=True)
     started = time.monotonic()
     job.infer_chunks(plan, chunks, engine(), storage(), job_settings)
-    metrics.CHUNKS.labels(queue=GPU_QUEUE, model=settings().model).inc(len(chunks))
+    metrics.CHUNKS.labels(queue=self.queue_name, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
     done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
-    # a redelivered task whose first delivery died before publishing summarize sends it now
-    resend = _is_redelivery(self) and done >= len(plan.chunks) and state().status(job_id) == "running"
-    if completed_job or resend:
+    # a unit sent again after its worker died between the last chunk and sending summarize sends it now
+    if completed_job or (done >= len(plan.chunks) and not state().was_sent(job_id, SUMMARIZE)):
         state().incr(job_id, "summarize_sent")
-        summarize.publish(plan.spec.priority, f"{job_id}-summarize", job_id=job_id, source=source)
+        summarize.publish(
+            plan.spec.priority, f"{job_id}-summarize", model=plan.spec.config.get("model"), job_id=job_id, source=source
+        )
+        state().mark_sent([(job_id, SUMMARIZE, None)])
 
 
 @app.task(name="omniq.summarize", base=OmniqTask, bind=True)
 def summarize(self: Task, job_id: str, source: str) -> None:
     """Write the file summary from the chunk summaries, then send ``omniq.finalize``."""
-    if _finished(job_id, "finalizing"):
+    if not state().advance(job_id, "summarizing"):
         return
-    state().set_status(job_id, "summarizing")
     state().incr(job_id, "summarize_runs")
     plan = job.load_plan(storage(), job_id)
     started = time.monotonic()
-    job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings()))
+    job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings(), runs_model=True))
     state().add_timings(job_id, {"summarize_s": round(time.monotonic() - started, 3)})
     finalize.publish(plan.spec.priority, f"{job_id}-finalize", job_id=job_id, source=source)
+    state().mark_sent([(job_id, FINALIZE, None)])
 
 
 @app.task(name="omniq.finalize", base=OmniqTask, bind=True)
 def finalize(self: Task, job_id: str, source: str) -> None:
-    """Write the result files and the manifest, exactly once per job run."""
-    if _finished(job_id):
+    """Write the result files and the manifest; the unit's lease makes it run alone."""
+    if not state().advance(job_id, "finalizing"):
         return
-    token = state().claim(job_id, "finalize", FINALIZE_CLAIM_SECONDS)
-    if token is None:
-        if _is_redelivery(self):  # the holder died mid-way; wait for its claim to expire
-            raise self.retry(countdown=60, max_retries=FINALIZE_CLAIM_SECONDS // 60 + 2)
-        return  # a duplicate message: the holder finishes the job
+    state().incr(job_id, "finalize_runs")
     try:
-        state().set_status(job_id, "finalizing")
-        state().incr(job_id, "finalize_runs")
         plan = job.load_plan(storage(), job_id)
-        created = float((state().redis.hget(JobState.key(job_id), "created_at")) or time.time())
-        timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
-        job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
-        state().set_status(job_id, "done")
+    except SourceNotFound:
+        # an earlier run wrote the manifest and removed the work files, then died before saying so
+        media_id = state().redis.hget(JobState.key(job_id), "media_id") or ""
+        manifest = job_manifest(storage(), media_id, job_id)
+        if manifest is None or manifest.get("status") != "done":
+            raise
+        state().finish(job_id, "done")
+        return
+    created = float((state().redis.hget(JobState.key(job_id), "created_at")) or time.time())
+    timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
+    job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
+    if state().finish(job_id, "done"):
+        state().incr(job_id, "finalized")
         metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status="done").inc()
-        job.update_index(_index_or_none(), storage(), plan.spec.media_id)
-    finally:
-        state().release(job_id, "finalize", token)
+    job.update_index(_index_or_none(), storage(), plan.spec.media_id)
+
+
+# -- worker lifecycle -------------------------------------------------------------------------------------
+
+
+@signals.worker_ready.connect
+def _start_watchdog(sender: Any = None, **_: Any) -> None:
+    """Every worker runs the watchdog thread (one sweeps at a time) and registers the queues it serves."""
+    queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    watchdog.start(name, queues, settings())
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_leases(**_: Any) -> None:
+    """On shutdown, give the leases of unfinished tasks back just before Celery hands their messages back
+    (after the soft-shutdown wait), so another worker can start them at once instead of waiting them out."""
+    timer = threading.Timer(max(0.0, settings().soft_shutdown_seconds - 0.5), leases().release_all)
+    timer.daemon = True
+    timer.start()
+
+
+@signals.worker_process_shutdown.connect
+def _release_child_leases(**_: Any) -> None:
+    leases().release_all()

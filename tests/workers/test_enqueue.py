@@ -66,7 +66,7 @@ def test_directory_then_again_then_done_then_forced(broker, library, tmp_path):
     assert sum(_queued(client).values()) == 5  # nothing published twice
 
     done = first[0].job_id
-    state.set_status(done, "done")
+    state.finish(done, "done")
     third = enqueue([str(library)], settings, storage, state)
     assert [o.reason for o in third if o.job_id == done] == ["already done with this config"]
     forced = enqueue([str(library / "season" / "ep0.mp4")], settings, storage, state, force=True)

@@ -28,26 +28,52 @@ def test_all_chunks_done_fires_exactly_once(state):
 def test_create_resets_an_earlier_run(state):
     state.create("j1", "s", "m", {})
     state.complete_chunks("j1", [0], 1)
-    state.set_status("j1", "done", chunks_total=1)
+    state.finish("j1", "done", chunks_total=1)
     state.create("j1", "s", "m", {})
     job = state.get("j1")
     assert job["status"] == "queued" and job["chunks_done"] == 0
     assert state.complete_chunks("j1", [0], 1) == (1, True)
 
 
-def test_claim_is_exclusive_and_release_needs_the_token(state):
-    token = state.claim("j1", "finalize", 60)
-    assert token and state.claim("j1", "finalize", 60) is None
-    state.release("j1", "finalize", "someone-else")
-    assert state.claim("j1", "finalize", 60) is None
-    state.release("j1", "finalize", token)
-    assert state.claim("j1", "finalize", 60)
+def test_transitions_never_revive_an_ended_job(state):
+    state.create("j1", "s", "m", {})
+    assert state.advance("j1", "running", chunks_total=2) and state.get("j1")["chunks_total"] == 2
+    assert "j1" in set(state.active_ids())
+    assert state.finish("j1", "cancelled", error="cancelled by the user")
+    assert "j1" not in set(state.active_ids())
+    assert not state.advance("j1", "summarizing")  # a step still running cannot revive it
+    assert not state.finish("j1", "failed")  # nor turn it into a failure
+    assert state.get("j1")["status"] == "cancelled"
+    assert not state.advance("unknown", "running") and state.get("unknown") is None
+
+
+def test_create_is_refused_for_an_active_job_unless_forced(state):
+    assert state.create("j1", "s", "m", {}) == "created"
+    state.advance("j1", "running")
+    assert state.create("j1", "s", "m", {}) == "running"
+    assert state.create("j1", "s", "m", {}, force=True) == "created"
+    assert state.status("j1") == "queued"
+
+
+def test_units_record_sending_retries_and_completion(state):
+    state.create("j1", "s", "m", {})
+    state.mark_sent([("j1", "infer-0", [0, 1]), ("j1", "summarize", None)])
+    units = state.units("j1")
+    assert units["infer-0:chunks"] == "0,1" and "summarize:sent" in units and state.was_sent("j1", "summarize")
+    first = state.unit_retrying("j1", "infer-0", "storage is unavailable", 123.0)
+    assert state.unit_retrying("j1", "infer-0", "again", 456.0) == first  # the budget counts from the first
+    job = state.get("j1")
+    assert job["retry_reason"] == "again" and job["retry_at"] == 456.0
+    state.unit_done("j1", "infer-0")
+    assert state.is_unit_done("j1", "infer-0") and state.retry_since("j1", "infer-0") is None
+    state.finish("j1", "done")
+    assert state.get("j1")["retry_at"] is None  # an ended job shows no pending retry
 
 
 def test_status_fields_and_listing(state):
     state.create("a", "file:///a.mp4", "ma", {})
     state.create("b", "file:///b.mp4", "mb", {})
-    state.set_status("b", "failed", error="PermanentMediaError: b.mp4: not media")
+    state.finish("b", "failed", error="PermanentMediaError: b.mp4: not media")
     state.add_timings("b", {"ingest_s": 1.5})
     assert [j["job_id"] for j in state.recent()] == ["b", "a"]
     job = state.get("b")
@@ -62,13 +88,25 @@ def test_celery_config_is_safe():
     assert config["worker_prefetch_multiplier"] == 1 and config["task_ignore_result"]
     assert config["result_backend"] is None
     assert config["broker_transport_options"]["visibility_timeout"] == 7200
-    assert TASK_ROUTES["omniq.infer"]["queue"] == TASK_ROUTES["omniq.summarize"]["queue"] == "gpu"
     assert TASK_ROUTES["omniq.ingest"]["queue"] == TASK_ROUTES["omniq.finalize"]["queue"] == "media"
+    assert config["task_queues"][1].name == "gpu.Qwen-Qwen3-Omni-30B-A3B-Instruct-" + config["task_queues"][1].name[-8:]
+    # recovery never waits on the visibility timeout alone: see tests/workers/test_recovery.py
+    assert config["worker_cancel_long_running_tasks_on_connection_loss"] is False
+    assert config["broker_connection_max_retries"] is None
+    assert config["worker_soft_shutdown_timeout"] == Settings().soft_shutdown_seconds > 0
+
+
+def test_each_model_has_its_own_gpu_queue():
+    from workers.app import gpu_queue_for
+
+    assert gpu_queue_for("tiny") == "gpu.tiny"
+    assert gpu_queue_for("Qwen/Qwen3-Omni-30B-A3B-Instruct") != gpu_queue_for("Qwen/Qwen3-Omni-30B-A3B-Thinking")
+    assert gpu_queue_for("/models/a/omni") != gpu_queue_for("/models/b/omni")  # same name, other path
+    assert all(c.isalnum() or c in "._-" for c in gpu_queue_for("/models/ünïcode dir/x"))
 
 
 def test_tasks_have_readable_names_and_retry_policy():
     import workers.tasks  # noqa: F401  (registers the tasks, as the worker's include= does)
-    from pipeline.errors import TransientError
     from workers.app import app
 
     names = {"omniq.ingest", "omniq.infer", "omniq.summarize", "omniq.finalize"}
@@ -76,4 +114,4 @@ def test_tasks_have_readable_names_and_retry_policy():
     for name in names:
         task = app.tasks[name]
         assert task.acks_late and task.reject_on_worker_lost
-        assert TransientError in task.autoretry_for and task.retry_jitter
+        assert not getattr(task, "autoretry_for", ())  # transient errors retry on a time budget instead

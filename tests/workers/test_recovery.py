@@ -1,0 +1,204 @@
+"""The watchdog's decisions (pure), leases, and one sweep over job state (fakeredis; publishing recorded)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import fakeredis
+import pytest
+
+from pipeline.config import Settings
+from workers import tasks
+from workers.leases import Leases, holder_is_dead, lease_key, process_identity
+from workers.recovery import JobView, UnitView, decide, describe, parse_units
+from workers.state import JobState
+
+NOW = 10_000.0
+LIMITS = {"max_deaths": 3, "lease_seconds": 45, "publish_grace_seconds": 60}
+
+
+def view(status="running", units=(), done=(), total=4, created=NOW - 600, updated=NOW - 600):
+    return JobView("job", status, created, updated, total, set(done), {u.name: u for u in units})
+
+
+def kinds(actions):
+    return [(a.kind, a.unit, a.chunks, a.fail_reason) for a in actions]
+
+
+def test_healthy_and_waiting_work_is_left_alone():
+    held = UnitView("infer-0", sent=1, started="5", chunks=[0, 1], holder="gpu-host|1|2|x")
+    waiting = UnitView("infer-2", sent=1, chunks=[2, 3])  # in the queue for an hour: never touched
+    assert decide(view(units=[UnitView("ingest", done=True), held, waiting]), NOW, **LIMITS) == []
+    queued = view("queued", units=[UnitView("ingest", sent=NOW - 3600)], created=NOW - 3600)
+    assert decide(queued, NOW, **LIMITS) == []
+    for ended in ("done", "failed", "cancelled"):
+        assert decide(view(ended, units=[UnitView("infer-0", started="5", chunks=[0])]), NOW, **LIMITS) == []
+
+
+def test_a_unit_whose_worker_died_is_sent_again_with_its_missing_chunks():
+    lost = UnitView("infer-4", sent=1, started="9000.5", chunks=[4, 5, 6, 7])
+    actions = decide(view(units=[UnitView("ingest", done=True), lost], done={4, 5}, total=8), NOW, **LIMITS)
+    assert kinds(actions) == [("abandon", "infer-4", [6, 7], None)]
+    assert actions[0].started == "9000.5"
+    ingest = UnitView("ingest", sent=1, started="1")
+    assert kinds(decide(view("ingesting", units=[ingest]), NOW, **LIMITS)) == [("abandon", "ingest", None, None)]
+
+
+def test_a_unit_that_killed_its_worker_too_often_fails_the_job():
+    poison = UnitView("infer-4", started="1", chunks=[4, 5, 6, 7], deaths=2)
+    actions = decide(view(units=[UnitView("ingest", done=True), poison], total=8), NOW, **LIMITS)
+    assert kinds(actions) == [("abandon", "infer-4", [4, 5, 6, 7], "worker died 3 times while processing chunks 4–7")]
+    assert describe("ingest", None).startswith("ingesting") and describe("infer-3", [3]) == "processing chunk 3"
+
+
+def test_a_job_whose_message_was_never_sent_is_sent_after_the_grace_period():
+    fresh = view("queued", units=[], created=NOW - 10, updated=NOW - 10)
+    assert decide(fresh, NOW, **LIMITS) == []  # the producer may still be sending
+    stranded = view("queued", units=[], created=NOW - 61, updated=NOW - 61)
+    assert kinds(decide(stranded, NOW, **LIMITS)) == [("publish", "ingest", None, None)]
+
+
+def test_a_retry_that_nobody_picked_up_is_sent_again():
+    due = UnitView("summarize", sent=1, retry_at=NOW - 10)
+    assert decide(view("summarizing", units=[due]), NOW, **LIMITS) == []  # within a lease period of its time
+    late = UnitView("summarize", sent=1, retry_at=NOW - 46)
+    assert kinds(decide(view("summarizing", units=[late]), NOW, **LIMITS)) == [("publish", "summarize", None, None)]
+
+
+def test_lost_successors_are_sent_when_everything_before_them_is_done():
+    base = [UnitView("ingest", done=True), UnitView("infer-0", done=True, chunks=[0, 1])]
+    all_done = view(units=base, done={0, 1}, total=2)
+    assert kinds(decide(all_done, NOW, **LIMITS)) == [("publish", "summarize", None, None)]
+    assert decide(view(units=base, done={0, 1}, total=2, updated=NOW - 5), NOW, **LIMITS) == []  # just now
+    summarized = view("summarizing", units=[*base, UnitView("summarize", sent=1, done=True)], done={0, 1}, total=2)
+    assert kinds(decide(summarized, NOW, **LIMITS)) == [("publish", "finalize", None, None)]
+    sent = view("finalizing", units=[*base, UnitView("summarize", sent=1, done=True), UnitView("finalize", sent=1)])
+    assert decide(sent, NOW, **LIMITS) == []
+
+
+def test_parse_units_reads_the_state_hash():
+    units = parse_units(
+        {"infer-0:sent": "1.5", "infer-0:chunks": "0,1", "infer-0:started": "2.5", "infer-0:deaths": "2",
+         "ingest:done": "3", "summarize:retry_at": "9"},
+        {"infer-0": "h|1|2|x"},
+    )  # fmt: skip
+    assert units["infer-0"] == UnitView("infer-0", 1.5, "2.5", False, 2, [0, 1], None, "h|1|2|x")
+    assert units["ingest"].done and units["summarize"].retry_at == 9.0
+
+
+# -- leases ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state():
+    return JobState(fakeredis.FakeRedis(decode_responses=True))
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_lease_is_exclusive_until_released(state):
+    leases = Leases(state, 45, 10)
+    first = leases.acquire("j", "infer-0")
+    assert first.held and first.deaths == 0 and lease_key("j", "infer-0") in leases.held()
+    assert state.units("j")["infer-0:started"]
+    other = Leases(state, 45, 10).acquire("j", "infer-0")
+    assert not other.held and other.other == first.holder  # a live holder (this process) keeps it
+    leases.release("j", "infer-0", "not-the-holder")
+    assert state.redis.get(lease_key("j", "infer-0")) == first.holder
+    leases.release("j", "infer-0", first.holder)
+    assert Leases(state, 45, 10).acquire("j", "infer-0").held
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_and_counted(state):
+    dead = f"{socket.gethostname()}|{_dead_pid()}|123|abcd"
+    assert holder_is_dead(dead) and not holder_is_dead(process_identity() + "|x")
+    assert not holder_is_dead(f"another-host|{_dead_pid()}|1|x")  # unknown: assumed alive
+    state.redis.set(lease_key("j", "ingest"), dead, px=45_000)
+    taken = Leases(state, 45, 10).acquire("j", "ingest")
+    assert taken.held and taken.deaths == 1 and state.redis.get(lease_key("j", "ingest")) == taken.holder
+    state.redis.set(lease_key("j", "summarize"), f"another-host|{_dead_pid()}|1|x", px=45_000)
+    assert not Leases(state, 45, 10).acquire("j", "summarize").held
+
+
+def test_renewal_keeps_a_lease_and_retakes_one_that_expired(state):
+    leases = Leases(state, 45, 10)
+    got = leases.acquire("j", "finalize")
+    key = lease_key("j", "finalize")
+    state.redis.pexpire(key, 100)
+    leases.renew_now()
+    assert state.redis.pttl(key) > 40_000
+    state.redis.delete(key)  # expired over a Redis outage: taken again by the renewer
+    leases.renew_now()
+    assert state.redis.get(key) == got.holder
+    state.redis.set(key, "someone-else")  # the watchdog gave it to another worker: not taken back
+    leases.renew_now()
+    assert state.redis.get(key) == "someone-else"
+
+
+def test_the_renewing_thread_keeps_a_short_lease_alive(state):
+    leases = Leases(state, 3, 0.2)
+    leases.acquire("j", "infer-0")
+    time.sleep(3.5)
+    assert state.redis.exists(lease_key("j", "infer-0"))
+    leases.release_all()
+    assert not state.redis.exists(lease_key("j", "infer-0")) and leases.held() == {}
+
+
+def test_abandon_counts_a_death_once(state):
+    leases = Leases(state, 45, 10)
+    state.redis.hset(JobState.key("j", "units"), "infer-0:started", "5")
+    assert leases.abandon("j", "infer-0", "5") == 1
+    assert leases.abandon("j", "infer-0", "5") == -1  # a second sweeper finds nothing to do
+    state.redis.hset(JobState.key("j", "units"), "infer-0:started", "6")
+    state.redis.set(lease_key("j", "infer-0"), "x")
+    assert leases.abandon("j", "infer-0", "6") == -1  # held again
+
+
+# -- one sweep ------------------------------------------------------------------------------------------
+
+
+def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypatch):
+    settings = Settings(model="tiny", max_worker_deaths=2)
+    sent = []
+    monkeypatch.setattr(
+        tasks, "publish_unit", lambda spec, unit, chunks=None, **kw: sent.append((spec.job_id, unit, chunks))
+    )
+    failed = []
+    monkeypatch.setattr(tasks, "fail_job", lambda job_id, reason, spec=None: failed.append((job_id, reason)))
+    monkeypatch.setattr(tasks, "state", lambda: state)
+    spec = {
+        "job_id": "",
+        "media_id": "m",
+        "source": "s",
+        "input_uri": "s",
+        "fingerprint": "f",
+        "config": {"model": "tiny"},
+    }
+    for job_id in ("lost", "stranded", "poison", "busy"):
+        state.create(job_id, "s", "m", {**spec, "job_id": job_id})
+    old = time.time() - 600
+    state.redis.hset(JobState.key("stranded"), mapping={"created_at": old, "updated_at": old})
+    for job_id in ("lost", "poison", "busy"):
+        state.advance(job_id, "running", chunks_total=2)
+        state.unit_done(job_id, "ingest")
+        state.mark_sent([(job_id, "infer-0", [0, 1])])
+        state.redis.hset(JobState.key(job_id, "units"), "infer-0:started", "1")
+    state.redis.hset(JobState.key("poison", "units"), "infer-0:deaths", "1")
+    state.complete_chunks("lost", [0], 2)
+    state.redis.set(lease_key("busy", "infer-0"), "h|1|2|x", px=45_000)
+    from workers.watchdog import EPOCH, Watchdog
+
+    state.redis.set(EPOCH, "1")  # not a fresh Redis: no restore from the store
+    report = Watchdog(state, Leases(state, 45, 10), settings).sweep()
+    assert sorted(sent) == [("lost", "infer-0", [1]), ("stranded", "ingest", None)]
+    assert failed == [("poison", "worker died 2 times while processing chunks 0–1")]
+    assert report["resent"] == 2 and report["failed"] == 1
+    assert state.redis.hget(JobState.key("lost"), "recovered") == "1"
+    assert Watchdog(state, Leases(state, 45, 10), settings).sweep() is None  # another worker holds the lock

@@ -1,0 +1,198 @@
+"""``omniq status``, ``cancel``, ``retry`` and ``recover``: looking after jobs in the queue."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+
+
+def add_commands(commands: Any) -> None:
+    status = commands.add_parser("status", help="show jobs: state, chunk progress, age, leases, retries")
+    status.add_argument("job_id", nargs="?")
+    status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel queued or running jobs and remove their work files")
+    cancel.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    cancel.set_defaults(func=cmd_cancel)
+
+    retry = commands.add_parser("retry", help="run failed (or cancelled) jobs again with their original settings")
+    retry.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--json", action="store_true")
+    retry.set_defaults(func=cmd_retry)
+
+    recover = commands.add_parser(
+        "recover", help="rebuild job state from the store after Redis lost its data, and resend lost work"
+    )
+    recover.set_defaults(func=cmd_recover)
+
+
+def _state(settings: Settings):  # type: ignore[no-untyped-def]
+    from workers.state import JobState
+
+    return JobState.from_url(settings.broker_url)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def job_details(state: Any, settings: Settings, jobs: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """Each job's row for ``omniq status``: its state plus, while active, age, last progress, the units
+    that workers hold now, a pending retry, and which queue it waits on when no live worker serves it."""
+    from workers.app import MEDIA_QUEUE, gpu_queue_for
+    from workers.leases import Leases, holder_name
+    from workers.state import ACTIVE
+    from workers.watchdog import live_queues, load_views
+
+    leases = Leases(state, settings.lease_seconds, settings.lease_renew_seconds)
+    active = [job["job_id"] for job in jobs if job["status"] in ACTIVE]
+    views = {view.job_id: view for view, _ in load_views(state, leases, active)} if active else {}
+    served = live_queues(state.redis) if active else {}
+    rows = []
+    for job in jobs:
+        row = {k: job[k] for k in ("job_id", "source", "status", "chunks_total", "chunks_done", "error")}
+        row |= {"age_s": None, "progress_age_s": None, "leases": {}, "retry": None, "waiting_for": None}
+        view = views.get(job["job_id"])
+        if view is not None:
+            row["age_s"] = round(now - job["created_at"], 1)
+            row["progress_age_s"] = round(now - job["updated_at"], 1)
+            row["leases"] = {u.name: holder_name(u.holder) for u in view.units.values() if u.holder}
+            if job["retry_at"]:
+                row["retry"] = {"reason": job["retry_reason"], "at": job["retry_at"]}
+            gpu = job["status"] in ("running", "summarizing")
+            queue = gpu_queue_for(job["model"] or settings.model) if gpu else MEDIA_QUEUE
+            if not served.get(queue):
+                who = f"a GPU worker started with OMNIQ_MODEL={job['model']}" if gpu else "a media worker"
+                row["waiting_for"] = f"no live worker serves queue {queue}: start {who}"
+        rows.append(row)
+    return rows
+
+
+def _status_line(row: dict[str, Any]) -> str:
+    error = f"  {row['error']}" if row["error"] else ""
+    progress = f"{row['chunks_done']}/{row['chunks_total']} chunks"
+    line = f"{row['job_id']}  {row['status']:<11} {progress}  {row['source']}{error}"
+    if row["age_s"] is None:
+        return line
+    notes = [f"age {_ago(row['age_s'])}", f"last progress {_ago(row['progress_age_s'])} ago"]
+    held = row["leases"]
+    notes.append("held: " + ", ".join(f"{unit} by {who}" for unit, who in held.items()) if held else "no lease held")
+    if row["retry"]:
+        at = datetime.fromtimestamp(row["retry"]["at"]).strftime("%H:%M:%S")
+        notes.append(f"retrying: {row['retry']['reason']} (next attempt {at})")
+    if row["waiting_for"]:
+        notes.append(row["waiting_for"])
+    return line + "\n    " + " · ".join(notes)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = Settings()
+    state = _state(settings)
+    if args.job_id:
+        job = state.get(args.job_id)
+        if job is None:
+            from workers.cli import redacted
+
+            print(f"omniq: no job {args.job_id!r} in {redacted(settings.broker_url)}; check the id", file=sys.stderr)
+            return 1
+        jobs = [job]
+    else:
+        jobs = state.recent(args.limit)
+    rows = job_details(state, settings, jobs, time.time())
+    if args.json:
+        print(json.dumps(rows[0] if args.job_id else rows, indent=2))
+        return 0
+    for row in rows:
+        print(_status_line(row))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pipeline.spec import work_prefix
+    from pipeline.storage import open_storage
+
+    settings = Settings()
+    state = _state(settings)
+    storage = open_storage(settings.storage_url, settings)
+    code = 0
+    for job_id in args.job_ids:
+        status = state.status(job_id)
+        if status is None:
+            print(f"omniq: no job {job_id!r}; check the id (omniq status lists jobs)", file=sys.stderr)
+            code = 1
+        elif not state.finish(job_id, "cancelled", error="cancelled by the user"):
+            print(f"omniq: job {job_id} is {status}, not queued or running: nothing to cancel", file=sys.stderr)
+            code = 1
+        else:
+            removed = storage.delete_prefix(work_prefix(job_id))  # a step still running removes what it writes
+            print(f"cancelled {job_id} (was {status}; {removed} work files removed)")
+    return code
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from pipeline.storage import open_storage
+    from workers.producer import enqueue
+
+    settings = Settings()
+    state = _state(settings)
+    if not args.job_ids and not args.failed:
+        raise ConfigError("name the jobs to run again (omniq retry JOB_ID...), or give --failed for every failed job")
+    job_ids = list(args.job_ids) or state.failed_ids()
+    storage = open_storage(settings.storage_url, settings)
+    code, outcomes = 0, []
+    for job_id in job_ids:
+        status, spec = state.status(job_id), state.spec(job_id)
+        if status not in ("failed", "cancelled") or spec is None:
+            why = "unknown" if status is None else status
+            print(f"omniq: job {job_id} is {why}: only failed or cancelled jobs can be retried", file=sys.stderr)
+            code = 1
+            continue
+        # the job's own output-shaping settings (model included), as when it was first enqueued
+        config = {k: v for k, v in spec["config"].items() if k in Settings.model_fields}
+        job_settings = settings.model_copy(update=config)
+        outcome = enqueue(
+            [spec["source"]], job_settings, storage, state, force=True, tag=spec.get("tag"), priority=spec["priority"]
+        )[0]
+        outcomes.append(outcome.to_dict())
+        if not args.json:
+            detail = f" ({outcome.reason})" if outcome.reason else ""
+            print(f"{outcome.status:<9} {outcome.job_id or job_id}  {outcome.source}{detail}")
+        if outcome.status != "enqueued":
+            code = 1
+    if args.json:
+        print(json.dumps(outcomes, indent=2))
+    return code
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from pipeline.storage import open_storage
+    from workers.leases import Leases
+    from workers.restore import restore_from_store
+    from workers.watchdog import EPOCH, Watchdog
+
+    settings = Settings()
+    state = _state(settings)
+    storage = open_storage(settings.storage_url, settings)
+    restored = restore_from_store(storage, state, settings)
+    state.redis.set(EPOCH, str(time.time()))
+    sweep = Watchdog(state, Leases(state, settings.lease_seconds, settings.lease_renew_seconds), settings).sweep(
+        force=True
+    )
+    print("from the store: " + (", ".join(f"{k} {v}" for k, v in sorted(restored.items())) or "nothing to restore"))
+    print("stalled work sent again: " + str((sweep or {}).get("resent", 0)))
+    return 0

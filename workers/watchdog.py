@@ -1,0 +1,200 @@
+"""The watchdog: a thread in every worker that finds lost work and sends it again; no extra service.
+
+Every ``OMNIQ_WATCHDOG_INTERVAL_SECONDS`` (with jitter) each worker tries a short Redis lock; the one that
+gets it sweeps: it loads every active job's units and leases, asks :func:`workers.recovery.decide` what
+to do, and publishes the missing units (or fails a job whose unit killed its worker too often). It also
+writes failed manifests that could not be written while the store was down, and rebuilds job state from
+the store when it finds a Redis that lost its data. Every worker also registers itself (its queues) so
+``omniq status`` can say when a job waits for a model that no live worker serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import redis
+
+from pipeline.config import Settings
+from workers.leases import Leases
+from workers.recovery import Action, JobView, decide, parse_units
+from workers.state import PENDING_FAILURES, PREFIX, JobState
+
+log = logging.getLogger(__name__)
+
+LOCK = f"{PREFIX}:watchdog"
+EPOCH = f"{PREFIX}:epoch"  # set by the first sweep of a Redis; missing again means Redis lost its data
+WORKERS = f"{PREFIX}:worker:"
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def load_views(state: JobState, leases: Leases, job_ids: list[str]) -> list[tuple[JobView, dict[str, str]]]:
+    """Each job's view for :func:`decide` and its raw hash, in two round trips."""
+    with state.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hgetall(JobState.key(job_id))
+            pipe.hgetall(JobState.key(job_id, "units"))
+            pipe.smembers(JobState.key(job_id, "chunks"))
+        raw = pipe.execute()
+    rows = [(job_ids[i // 3], raw[i], raw[i + 1], raw[i + 2]) for i in range(0, len(raw), 3)]
+    pairs = [(job_id, field.rpartition(":")[0]) for job_id, _, units, _ in rows for field in units]
+    pairs = sorted(set(pairs))
+    holders = dict(zip(pairs, leases.alive(pairs), strict=True)) if pairs else {}
+    views = []
+    for job_id, record, units, chunks in rows:
+        if not record:
+            continue
+        own = {unit: holder for (owner, unit), holder in holders.items() if owner == job_id}
+        view = JobView(
+            job_id,
+            record.get("status", ""),
+            float(record.get("created_at") or 0),
+            float(record.get("updated_at") or 0),
+            int(record.get("chunks_total") or 0),
+            {int(c) for c in chunks},
+            parse_units(units, own),
+        )
+        views.append((view, record))
+    return views
+
+
+def is_stale(state: JobState, leases: Leases, job_id: str, settings: Settings, now: float | None = None) -> bool:
+    """True when no worker holds any of the job's units and it made no progress for a lease period:
+    ``enqueue --force`` may restart it. A job that is really running is never stale."""
+    now = now or time.time()
+    loaded = load_views(state, leases, [job_id])
+    if not loaded:
+        return True
+    view = loaded[0][0]
+    if any(unit.holder for unit in view.units.values()):
+        return False
+    return now - view.updated_at > settings.lease_seconds
+
+
+class Watchdog:
+    """One sweep over the active jobs; :func:`start` runs it in a thread."""
+
+    def __init__(self, state: JobState, leases: Leases, settings: Settings) -> None:
+        self.state = state
+        self.leases = leases
+        self.settings = settings
+        self.last_redis_error = 0.0
+
+    def sweep(self, now: float | None = None, force: bool = False) -> Counter[str] | None:
+        """Run one sweep if this worker gets the lock (``force``: regardless); returns what it did."""
+        from workers import tasks  # the publishers (Celery) are needed only here
+
+        now = now or time.time()
+        lock_ms = max(1000, int(self.settings.watchdog_interval_seconds * 900))
+        if not force and not self.state.redis.set(LOCK, socket.gethostname(), nx=True, px=lock_ms):
+            return None
+        report: Counter[str] = Counter()
+        if self.state.redis.set(EPOCH, str(now), nx=True):
+            from workers.restore import restore_from_store
+
+            restored = restore_from_store(tasks.storage(), self.state, self.settings)
+            report.update({f"restored_{k}": v for k, v in restored.items()})
+        # right after a Redis outage, give the lease renewers a moment to re-take leases that expired
+        settled = now - self.last_redis_error > 2 * self.leases.renew_seconds
+        for batch in _batched(self.state.active_ids(), 200):
+            for view, record in load_views(self.state, self.leases, batch):
+                actions = decide(
+                    view,
+                    now,
+                    max_deaths=self.settings.max_worker_deaths,
+                    lease_seconds=self.settings.lease_seconds,
+                    publish_grace_seconds=self.settings.publish_grace_seconds,
+                )
+                for action in actions:
+                    if action.kind == "abandon" and not settled:
+                        continue
+                    report[self.apply(view, record, action, tasks)] += 1
+        for job_id in self.state.redis.smembers(PENDING_FAILURES):
+            report["failure_manifests" if tasks.write_failure_manifest(job_id) else "failure_manifests_waiting"] += 1
+        return report
+
+    def apply(self, view: JobView, record: dict[str, str], action: Action, tasks: Any) -> str:
+        from pipeline.spec import JobSpec
+
+        if action.kind == "abandon":
+            deaths = self.leases.abandon(view.job_id, action.unit, action.started)
+            if deaths < 0:
+                return "skipped"  # it moved on meanwhile
+            model = json.loads(record.get("spec") or "{}").get("config", {}).get("model", "")
+            tasks.metrics.WORKER_DEATHS.labels(queue=_kind(action.unit), model=model).inc()
+            if action.fail_reason:
+                tasks.fail_job(view.job_id, action.fail_reason)
+                return "failed"
+        if not record.get("spec"):
+            log.warning("job %s has no spec in Redis; cannot send %s again", view.job_id, action.unit)
+            return "skipped"
+        spec = JobSpec.from_dict(json.loads(record["spec"]))
+        attempt = self.state.incr(view.job_id, "recovered")
+        tasks.publish_unit(spec, action.unit, action.chunks, suffix=f"-r{attempt}")
+        tasks.metrics.RECOVERED.labels(
+            queue=_kind(action.unit), model=str(spec.config.get("model")), reason=action.kind
+        ).inc()
+        log.warning("job %s: sent %s again (%s)", view.job_id, action.unit, action.why)
+        return "resent"
+
+
+def _kind(unit: str) -> str:
+    return "gpu" if unit.startswith("infer-") or unit == "summarize" else "media"
+
+
+def register_worker(client: redis.Redis, name: str, queues: list[str], ttl_seconds: float) -> None:
+    """Say that worker ``name`` is alive and serves ``queues`` (expires unless renewed)."""
+    document = json.dumps({"queues": queues, "seen": time.time()})
+    client.set(f"{WORKERS}{name}", document, px=int(ttl_seconds * 1000))
+
+
+def live_queues(client: redis.Redis) -> dict[str, list[str]]:
+    """Queue name → the live workers that consume it."""
+    served: dict[str, list[str]] = {}
+    keys = list(client.scan_iter(f"{WORKERS}*", count=500))
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
+        if raw:
+            for queue in json.loads(raw).get("queues", []):
+                served.setdefault(queue, []).append(key[len(WORKERS) :])
+    return served
+
+
+def start(name: str, queues: list[str], settings: Settings) -> threading.Event:
+    """Start the watchdog and registry thread of a worker; set the returned event to stop it."""
+    stop = threading.Event()
+    state = JobState.from_url(settings.broker_url, retry_seconds=0)
+    watchdog = Watchdog(state, Leases(state, settings.lease_seconds, settings.lease_renew_seconds), settings)
+    interval = settings.watchdog_interval_seconds
+    beat = min(interval, 5.0) if interval else 5.0
+
+    def loop() -> None:
+        last_sweep = 0.0
+        while not stop.wait(beat * random.uniform(0.8, 1.0)):
+            try:
+                register_worker(state.redis, name, queues, beat * 4)
+                if interval and time.monotonic() - last_sweep >= interval * random.uniform(0.8, 1.0):
+                    last_sweep = time.monotonic()
+                    report = watchdog.sweep()
+                    if report:
+                        log.info("watchdog sweep: %s", dict(report))
+            except redis.exceptions.RedisError as error:
+                watchdog.last_redis_error = time.time()
+                log.warning("watchdog: Redis is unavailable (%s); trying again", error)
+            except Exception:
+                log.exception("watchdog sweep failed; trying again")
+
+    threading.Thread(target=loop, name="omniq-watchdog", daemon=True).start()
+    return stop
