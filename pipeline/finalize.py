@@ -40,6 +40,7 @@ def _base_manifest(spec: JobSpec, settings: Settings) -> dict[str, Any]:
         "source": spec.source,
         "media_id": spec.media_id,
         "job_id": spec.job_id,
+        "run_id": spec.run_id,
         "input_uri": spec.input_uri,
         "fingerprint": spec.fingerprint,
         "config_hash": config_hash_of(spec.config),

@@ -217,7 +217,7 @@ def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
 def _translate(error: sqlite3.DatabaseError, path: Path) -> OmniqError:
     message = str(error)
     if "locked" in message or "busy" in message:
-        return TransientError(f"search index {path} stayed locked for {BUSY_TIMEOUT_MS // 1000} s; will retry")
+        return TransientError(f"search index {path} stayed locked for {BUSY_TIMEOUT_MS // 1000} s")
     return ConfigError(
         f"search index {path}: {message}; if the file is damaged, delete it and run 'omniq index rebuild'"
     )

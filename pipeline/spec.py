@@ -27,6 +27,7 @@ class JobSpec:
     config: dict[str, Any]
     tag: str | None = None  # a per-run label (``--tag``); recorded in the manifest and the index
     priority: int = 5  # 0 (lowest) .. 9 (most urgent)
+    run_id: str | None = None  # one enqueue of the job (a forced re-run gets a new one); in the manifest
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

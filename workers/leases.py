@@ -24,14 +24,20 @@ from workers.state import PREFIX, JobState
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, units; ARGV: holder, ttl ms, unit, now
+# KEYS: lease, units; ARGV: holder, ttl ms, unit, now.
+# A unit still marked 'started' with no lease left was not finished, retried or handed back: its worker died
+# and nobody noticed yet (the lease expired before the watchdog swept). That death is counted here.
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return {0, current} end
+if current and current ~= ARGV[1] then return {0, current, 0} end
+local deaths = 0
+if redis.call('HEXISTS', KEYS[2], ARGV[3] .. ':started') == 1 then
+  deaths = redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':deaths', 1)
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3] .. ':started', ARGV[4])
 redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':starts', 1)
-return {1, ''}
+return {1, '', deaths}
 """
 # KEYS: lease, units; ARGV: dead holder, new holder, ttl ms, unit, now — take over from a holder known dead
 _STEAL = """
@@ -48,17 +54,26 @@ if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
 return 0
 """
-# KEYS: lease, units; ARGV: unit, started value seen by the caller.
+# KEYS: lease, units; ARGV: unit, started value seen by the caller, the dead holder ('' if the lease expired).
 # The watchdog's verdict on a started unit without a live lease: count the death once, clear 'started'.
 _ABANDON = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[3] then return -1 end
 if redis.call('HGET', KEYS[2], ARGV[1] .. ':started') ~= ARGV[2] then return -1 end
+if current then redis.call('DEL', KEYS[1]) end
 redis.call('HDEL', KEYS[2], ARGV[1] .. ':started')
 return redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':deaths', 1)
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# KEYS: lease, units; ARGV: holder, unit — give a unit back unfinished (shutdown): not a death, not started
+_HAND_BACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[2] .. ':started')
+return 1
 """
 
 
@@ -75,19 +90,28 @@ def _start_ticks(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers on one host may share a hostname but not their pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "-"
+
+
 def process_identity() -> str:
-    """``host|pid|start ticks``: unique to this process among the live ones on this host."""
-    return f"{socket.gethostname()}|{os.getpid()}|{_start_ticks(os.getpid()) or '-'}"
+    """``host|pid|start ticks|pid namespace``: unique to this process among the live ones on this host."""
+    return f"{socket.gethostname()}|{os.getpid()}|{_start_ticks(os.getpid()) or '-'}|{_pid_namespace()}"
 
 
 def holder_is_dead(holder: str) -> bool:
-    """True only when the holder is a process on this host that no longer runs; unknown means alive."""
+    """True only when the holder is a process of this host and PID namespace that no longer runs;
+    a holder elsewhere is assumed alive (its lease expires by itself if it is not)."""
     parts = holder.split("|")
-    if len(parts) < 3 or parts[0] != socket.gethostname():
+    if len(parts) < 4 or parts[0] != socket.gethostname() or parts[3] != _pid_namespace() or parts[3] == "-":
         return False
     pid, ticks = int(parts[1]), parts[2]
     current = _start_ticks(pid)
-    if current is None:  # no /proc entry (or no /proc): ask the kernel whether the pid exists
+    if current is None:  # no /proc entry: ask the kernel whether the pid exists
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -127,7 +151,9 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
         self._release = client.register_script(_RELEASE)
+        self._hand_back = client.register_script(_HAND_BACK)
         self._held: dict[str, str] = {}  # lease key -> holder
+        self._units: dict[str, tuple[str, str]] = {}  # lease key -> (job id, unit)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -139,20 +165,21 @@ class Leases:
         holder = f"{process_identity()}|{uuid.uuid4().hex[:8]}"
         units = JobState.key(job_id, "units")
         now = time.time()
-        ok, current = self._acquire(keys=[key, units], args=[holder, self.ttl_ms, unit, now])
-        deaths = 0
+        ok, current, deaths = self._acquire(keys=[key, units], args=[holder, self.ttl_ms, unit, now])
+        deaths = int(deaths)
         if not int(ok):
             if not holder_is_dead(current):
                 return Acquired(False, other=current)
             deaths = int(self._steal(keys=[key, units], args=[current, holder, self.ttl_ms, unit, now]))
             if deaths < 0:  # someone else took it in between
                 return Acquired(False, other=str(self.state.redis.get(key) or ""))
-        self._hold(key, holder)
+        self._hold(key, holder, job_id, unit)
         return Acquired(True, holder, deaths)
 
-    def _hold(self, key: str, holder: str) -> None:
+    def _hold(self, key: str, holder: str, job_id: str, unit: str) -> None:
         with self._lock:
             self._held[key] = holder
+            self._units[key] = (job_id, unit)
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()  # a forked child starts its own thread
                 self._stopped.clear()
@@ -164,19 +191,23 @@ class Leases:
         key = lease_key(job_id, unit)
         with self._lock:
             self._held.pop(key, None)
+            self._units.pop(key, None)
         try:
             self._release(keys=[key], args=[holder])
         except redis.exceptions.RedisError as error:
             log.warning("could not release lease %s (it expires by itself): %s", key, error)
 
     def release_all(self) -> None:
-        """Give back every lease of this process (on shutdown, so handed-back messages can start at once)."""
+        """Hand back every unit this process holds (on shutdown): the leases go, and the units count as not
+        started, so their handed-back messages start at once elsewhere and no worker death is counted."""
         self._stopped.set()
         with self._lock:
             held, self._held = dict(self._held), {}
+            units, self._units = dict(self._units), {}
         for key, holder in held.items():
+            job_id, unit = units[key]
             try:
-                self._release(keys=[key], args=[holder])
+                self._hand_back(keys=[key, JobState.key(job_id, "units")], args=[holder, unit])
             except redis.exceptions.RedisError:
                 pass  # it expires by itself
 
@@ -205,14 +236,22 @@ class Leases:
             except redis.exceptions.RedisError as error:
                 log.warning("could not renew leases (will try again): %s", error)
 
-    def abandon(self, job_id: str, unit: str, started: str) -> int:
-        """Declare a started unit without a live lease lost; returns its deaths, or -1 if it is not lost."""
+    def abandon(self, job_id: str, unit: str, started: str, dead_holder: str = "") -> int:
+        """Declare a started unit lost (its lease expired, or is held by ``dead_holder``, a process on this
+        host that no longer runs); returns its deaths, or -1 if it is not lost after all."""
         keys = [lease_key(job_id, unit), JobState.key(job_id, "units")]
-        return int(self._abandon(keys=keys, args=[unit, started]))
+        return int(self._abandon(keys=keys, args=[unit, started, dead_holder]))
 
     def alive(self, pairs: list[tuple[str, str]]) -> list[str | None]:
-        """The holder of each (job id, unit) lease, None where there is no live lease; one round trip."""
+        """The holder of each (job id, unit) lease, None where there is no live lease; one round trip.
+
+        A holder that is a dead process on this host counts as none (a worker restarted on the same machine
+        finds its predecessor's work at its first sweep, without waiting for the lease to expire)."""
         with self.state.redis.pipeline(transaction=False) as pipe:
             for job_id, unit in pairs:
                 pipe.get(lease_key(job_id, unit))
-            return pipe.execute()
+            holders = pipe.execute()
+        return [None if holder and holder_is_dead(holder) else holder for holder in holders]
+
+    def holder_of(self, job_id: str, unit: str) -> str:
+        return str(self.state.redis.get(lease_key(job_id, unit)) or "")

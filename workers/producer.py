@@ -112,6 +112,7 @@ def enqueue(
                     slots[position] = Enqueued(item.uri, None, "rejected", item.rejected)
                     continue
                 spec = job.make_spec(item.uri, settings, ref=item.ref, tag=tag, priority=priority)
+                spec.run_id = uuid.uuid4().hex[:12]
                 if spec.job_id in seen:
                     slots[position] = Enqueued(spec.source, spec.job_id, "skipped", "given twice")
                     continue

@@ -67,7 +67,11 @@ def _restore_job(storage: Storage, state: JobState, settings: Settings, job_id: 
     elif SPEC_FILE not in names:
         return "orphaned"  # e.g. an upload cut short, or a cancelled job's leftovers
     manifest = job_manifest(storage, spec.media_id, job_id)
-    if manifest is not None and str(manifest.get("finished_at", "")) >= enqueued_at:
+    if manifest is not None and spec.run_id and manifest.get("run_id"):
+        ended = manifest["run_id"] == spec.run_id
+    else:  # written before runs had ids: compare times
+        ended = manifest is not None and str(manifest.get("finished_at", "")) >= enqueued_at
+    if manifest is not None and ended:
         # this run ended (its work files were kept, or finalize died before removing them)
         state.create(job_id, spec.source, spec.media_id, spec.to_dict(), force=True)
         state.finish(job_id, manifest.get("status") or "failed", error=manifest.get("error") or "")

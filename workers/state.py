@@ -192,9 +192,10 @@ class JobState:
                 pipe.hget(self.key(job_id), "status")
             return pipe.execute()
 
-    def advance(self, job_id: str, status: str, **fields: Any) -> bool:
-        """Move an active job to another active status (e.g. ``running``); False when it has ended."""
-        return self._set(job_id, status, ACTIVE, fields) == "ok"
+    def advance(self, job_id: str, status: str, from_: tuple[str, ...] = ACTIVE, **fields: Any) -> bool:
+        """Move a job to another active status (e.g. ``running``) if it is in one of ``from_`` (default: any
+        active status); False when it has ended or moved past them (a late duplicate must not move it back)."""
+        return self._set(job_id, status, from_, fields) == "ok"
 
     def finish(self, job_id: str, status: str, **fields: Any) -> bool:
         """End a job (``done``, ``failed`` or ``cancelled``). Only an active job can end: a late failure

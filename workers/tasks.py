@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import time
 from functools import cache
 from typing import Any
@@ -46,6 +45,14 @@ def broker_priority(priority: int) -> int:
 
 
 log = logging.getLogger(__name__)
+
+# The job statuses in which each task may run; a message that finds its job in another is a late duplicate.
+RUNS_IN = {
+    "omniq.ingest": ("queued", "ingesting", "running"),
+    "omniq.infer": ("running",),
+    "omniq.summarize": ("running", "summarizing"),
+    "omniq.finalize": ("summarizing", "finalizing"),
+}
 
 # What a transient failure looks like from inside a task: retried on the time budget, never a job failure.
 TRANSIENT = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
@@ -134,8 +141,10 @@ class OmniqTask(Task):
     def _run_unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         job_id, unit = kwargs["job_id"], unit_of(self.name, kwargs)
         status = state().status(job_id)
-        if status in FINISHED or state().is_unit_done(job_id, unit):
-            log.info("dropping %s for job %s: %s", self.name, job_id, status if status in FINISHED else f"{unit} done")
+        if status not in RUNS_IN[self.name] or state().is_unit_done(job_id, unit):
+            # a late duplicate (the job ended or moved past this step), a unit already done, or a job whose
+            # state was lost (``omniq recover`` and the watchdog send its work again)
+            log.info("dropping %s of job %s (job %s, %s)", unit, job_id, status, "unit done" if status else "")
             return None
         lease = leases().acquire(job_id, unit)
         if not lease.held:
@@ -150,7 +159,7 @@ class OmniqTask(Task):
                     return None
             result = super().__call__(*args, **kwargs)
             state().unit_done(job_id, unit)
-            _clean_if_cancelled(job_id)
+            _clean_if_ended(job_id, unit)
             return result
         except TRANSIENT as error:
             raise self._retry_later(job_id, unit, error) from error
@@ -264,9 +273,10 @@ def write_failure_manifest(job_id: str) -> bool:
     return True
 
 
-def _clean_if_cancelled(job_id: str) -> None:
-    """A step that ran while its job was cancelled removes what it wrote."""
-    if state().status(job_id) == "cancelled" and not settings().keep_work:
+def _clean_if_ended(job_id: str, unit: str) -> None:
+    """A step that ran while its job was cancelled (or a late duplicate that wrote files after the job ended)
+    removes what it wrote."""
+    if unit != FINALIZE and state().status(job_id) in FINISHED and not settings().keep_work:
         storage().delete_prefix(job.work_prefix(job_id))
 
 
@@ -303,8 +313,7 @@ def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     """Probe, plan and extract a file, then send one ``omniq.infer`` per batch of chunks."""
     job_spec = job.JobSpec.from_dict(spec)
     job_settings = job.settings_for(job_spec, settings())
-    if not state().advance(job_id, "ingesting"):
-        return  # cancelled meanwhile
+    state().advance(job_id, "ingesting", from_=("queued",))
     plan = job.ingest(job_spec, job_settings, storage())
     state().add_timings(job_id, plan.timings)
     labels = {"queue": MEDIA_QUEUE, "model": settings().model}
@@ -313,8 +322,8 @@ def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     indices = [c.index for c in plan.chunks]
     size = job_settings.batch_size
     groups = [indices[first : first + size] for first in range(0, len(indices), size)]
-    if not state().advance(job_id, "running", chunks_total=len(plan.chunks)):
-        return  # cancelled meanwhile
+    if not state().advance(job_id, "running", from_=RUNS_IN["omniq.ingest"], chunks_total=len(plan.chunks)):
+        return  # cancelled, or a later step runs: this was a late duplicate
     self.send_event("task-progress", job_id=job_id, step="ingested", chunks=len(plan.chunks))
     for group in groups:
         infer.publish(
@@ -346,7 +355,7 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int], unit: str | N
 @app.task(name="omniq.summarize", base=OmniqTask, bind=True)
 def summarize(self: Task, job_id: str, source: str) -> None:
     """Write the file summary from the chunk summaries, then send ``omniq.finalize``."""
-    if not state().advance(job_id, "summarizing"):
+    if not state().advance(job_id, "summarizing", from_=RUNS_IN["omniq.summarize"]):
         return
     state().incr(job_id, "summarize_runs")
     plan = job.load_plan(storage(), job_id)
@@ -360,7 +369,7 @@ def summarize(self: Task, job_id: str, source: str) -> None:
 @app.task(name="omniq.finalize", base=OmniqTask, bind=True)
 def finalize(self: Task, job_id: str, source: str) -> None:
     """Write the result files and the manifest; the unit's lease makes it run alone."""
-    if not state().advance(job_id, "finalizing"):
+    if not state().advance(job_id, "finalizing", from_=RUNS_IN["omniq.finalize"]):
         return
     state().incr(job_id, "finalize_runs")
     try:
@@ -394,12 +403,13 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_shutting_down.connect
-def _hand_back_leases(**_: Any) -> None:
-    """On shutdown, give the leases of unfinished tasks back just before Celery hands their messages back
-    (after the soft-shutdown wait), so another worker can start them at once instead of waiting them out."""
-    timer = threading.Timer(max(0.0, settings().soft_shutdown_seconds - 0.5), leases().release_all)
-    timer.daemon = True
-    timer.start()
+def _hand_back_leases(how: str = "", **_: Any) -> None:
+    """Cold shutdown (SIGTERM via ``omniq worker``): the running tasks were cancelled after the soft-shutdown
+    wait and their messages go back to the queue as the connection closes; give their units back too, so
+    another worker starts them at once instead of waiting for the leases to expire. (A warm shutdown lets
+    the tasks finish, so it keeps the leases.)"""
+    if how == "Cold":
+        leases().release_all()
 
 
 @signals.worker_process_shutdown.connect

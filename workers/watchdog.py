@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from pipeline.config import Settings
-from workers.leases import Leases
+from workers.leases import Leases, holder_is_dead
 from workers.recovery import Action, JobView, decide, parse_units
 from workers.state import PENDING_FAILURES, PREFIX, JobState
 
@@ -130,7 +130,10 @@ class Watchdog:
         from pipeline.spec import JobSpec
 
         if action.kind == "abandon":
-            deaths = self.leases.abandon(view.job_id, action.unit, action.started)
+            stale = self.leases.holder_of(view.job_id, action.unit)  # '' if expired, else a dead local process
+            deaths = self.leases.abandon(
+                view.job_id, action.unit, action.started, stale if holder_is_dead(stale) else ""
+            )
             if deaths < 0:
                 return "skipped"  # it moved on meanwhile
             model = json.loads(record.get("spec") or "{}").get("config", {}).get("model", "")

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import Settings
 from workers import tasks
-from workers.leases import Leases, holder_is_dead, lease_key, process_identity
+from workers.leases import Leases, _pid_namespace, holder_is_dead, lease_key, process_identity
 from workers.recovery import JobView, UnitView, decide, describe, parse_units
 from workers.state import JobState
 
@@ -117,14 +117,27 @@ def test_a_lease_is_exclusive_until_released(state):
 
 
 def test_a_dead_holder_on_this_host_is_taken_over_and_counted(state):
-    dead = f"{socket.gethostname()}|{_dead_pid()}|123|abcd"
+    dead = f"{socket.gethostname()}|{_dead_pid()}|123|{_pid_namespace()}|abcd"
     assert holder_is_dead(dead) and not holder_is_dead(process_identity() + "|x")
-    assert not holder_is_dead(f"another-host|{_dead_pid()}|1|x")  # unknown: assumed alive
+    assert not holder_is_dead(f"another-host|{_dead_pid()}|1|{_pid_namespace()}|x")  # unknown: assumed alive
+    assert not holder_is_dead(f"{socket.gethostname()}|{_dead_pid()}|1|4026530000|x")  # another container
     state.redis.set(lease_key("j", "ingest"), dead, px=45_000)
     taken = Leases(state, 45, 10).acquire("j", "ingest")
     assert taken.held and taken.deaths == 1 and state.redis.get(lease_key("j", "ingest")) == taken.holder
-    state.redis.set(lease_key("j", "summarize"), f"another-host|{_dead_pid()}|1|x", px=45_000)
+    state.redis.set(lease_key("j", "summarize"), f"another-host|{_dead_pid()}|1|{_pid_namespace()}|x", px=45_000)
     assert not Leases(state, 45, 10).acquire("j", "summarize").held
+
+
+def test_a_started_unit_whose_lease_expired_unnoticed_counts_a_death_when_taken(state):
+    leases = Leases(state, 45, 10)
+    first = leases.acquire("j", "ingest")
+    state.redis.delete(lease_key("j", "ingest"))  # its worker died and the lease expired; no sweep since
+    again = leases.acquire("j", "ingest")
+    assert again.held and again.deaths == 1
+    leases.release("j", "ingest", again.holder)
+    state.unit_done("j", "ingest")  # a unit that ended cleanly is not a death when it is taken again
+    assert leases.acquire("j", "ingest").deaths == 0
+    assert first.holder != again.holder
 
 
 def test_renewal_keeps_a_lease_and_retakes_one_that_expired(state):
@@ -159,6 +172,16 @@ def test_abandon_counts_a_death_once(state):
     state.redis.hset(JobState.key("j", "units"), "infer-0:started", "6")
     state.redis.set(lease_key("j", "infer-0"), "x")
     assert leases.abandon("j", "infer-0", "6") == -1  # held again
+
+
+def test_a_dead_holder_on_this_host_counts_as_no_holder(state):
+    leases = Leases(state, 45, 10)
+    dead = f"{socket.gethostname()}|{_dead_pid()}|123|{_pid_namespace()}|x"
+    state.redis.set(lease_key("j", "ingest"), dead, px=45_000)
+    state.redis.hset(JobState.key("j", "units"), "ingest:started", "5")
+    assert leases.alive([("j", "ingest")]) == [None]
+    assert leases.abandon("j", "ingest", "5") == -1  # a lease is respected unless its dead holder is named
+    assert leases.abandon("j", "ingest", "5", dead) == 1 and not state.redis.exists(lease_key("j", "ingest"))
 
 
 # -- one sweep ------------------------------------------------------------------------------------------
