@@ -57,14 +57,23 @@ FAST_RECOVERY = {
 class Worker:
     """One ``omniq worker`` process in its own process group."""
 
-    def __init__(self, queue: str, env: dict[str, str], log_dir: Path, name: str, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        queue: str,
+        env: dict[str, str],
+        log_dir: Path,
+        name: str,
+        concurrency: int = 1,
+        wrapper: list[str] | None = None,
+    ) -> None:
         self.queue, self.env, self.name, self.concurrency = queue, env, name, concurrency
+        self.wrapper = wrapper or []  # e.g. unshare, to run the worker as if on another machine
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> Worker:
-        command = [sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", self.queue]
+        command = [*self.wrapper, sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", self.queue]
         command += ["--concurrency", str(self.concurrency)]
         log = self.log_path.open("ab")
         log.write(f"\n===== start {self.starts} at {time.time():.3f} =====\n".encode())
@@ -147,8 +156,15 @@ class Cluster:
 
     # -- processes --------------------------------------------------------------------------------------
 
-    def add_worker(self, name: str, queue: str, concurrency: int = 1, env: dict[str, str] | None = None) -> Worker:
-        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency)
+    def add_worker(
+        self,
+        name: str,
+        queue: str,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+    ) -> Worker:
+        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper)
         self.workers[name] = worker
         return worker.start()
 
@@ -230,3 +246,14 @@ def _settings_overrides(env: dict[str, str]) -> dict[str, Any]:
     """Settings for the producer in this process, from the cluster's environment (not os.environ)."""
     fields = Settings.model_fields
     return {k[6:].lower(): v for k, v in env.items() if k.startswith("OMNIQ_") and k[6:].lower() in fields}
+
+
+def other_machine_wrapper() -> list[str]:
+    """A command prefix that runs a process in its own PID namespace, so that workers outside it cannot see
+    it die (as with a worker on another machine); empty where this system does not allow it."""
+    wrapper = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    try:
+        probe = subprocess.run([*wrapper, "true"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return wrapper if probe.returncode == 0 else []

@@ -8,31 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import redis
 
 from pipeline.config import Settings
 from pipeline.storage import LocalStorage
+from tests.workers.conftest import queued as _queued
 from workers.producer import enqueue
-from workers.state import JobState
-
-
-@pytest.fixture
-def broker(redis_url, monkeypatch):
-    """A clean Redis database for this test, used as broker and job state."""
-    url = redis_url.rsplit("/", 1)[0] + "/5"
-    client = redis.Redis.from_url(url, decode_responses=True)
-    client.flushdb()
-    from workers.app import app
-
-    previous = app.conf.broker_url
-    _use_broker(app, url)
-    yield url, client, JobState(client)
-    client.flushdb()
-    _use_broker(app, previous)
-
-
-def _use_broker(app, url):
-    app.conf.broker_url = url  # the producer opens its connection from this at each call
 
 
 @pytest.fixture
@@ -42,11 +22,6 @@ def library(tmp_path):
         (tmp_path / "lib" / "season" / f"ep{index}.mp4").write_bytes(b"fake media %d" % index)
     (tmp_path / "lib" / "cover.jpg").write_bytes(b"jpeg")
     return tmp_path / "lib"
-
-
-def _queued(client, queue="media"):
-    keys = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
-    return {key: client.llen(key) for key in keys if client.llen(key)}
 
 
 def test_directory_then_again_then_done_then_forced(broker, library, tmp_path):
@@ -60,6 +35,10 @@ def test_directory_then_again_then_done_then_forced(broker, library, tmp_path):
     assert message["headers"]["task"] == "omniq.ingest"
     kwargs = json.loads(__import__("base64").b64decode(message["body"]))[1]
     assert kwargs["spec"]["tag"] == "season-1" and kwargs["source"].startswith("file:///")
+    for outcome in first:  # recorded in the store before it was sent, and marked sent after
+        stored = json.loads(storage.get_bytes(f"work/{outcome.job_id}/spec.json"))
+        assert stored["job_id"] == outcome.job_id and stored["run_id"] and stored["enqueued_at"]
+        assert state.was_sent(outcome.job_id, "ingest")
 
     again = enqueue([str(library)], settings, storage, state)
     assert {(o.status, o.reason) for o in again} == {("skipped", "already queued")}
