@@ -17,6 +17,20 @@ from tests.servers import RedisServer, S3Server
 # -- Redis ----------------------------------------------------------------------------------------------
 
 
+def use_broker(url: str) -> str:
+    """Point this process's Celery app at ``url`` and drop connections it pooled for an earlier broker
+    (``apply_async`` publishes through that pool); returns the previous URL."""
+    from workers.app import app
+
+    previous = app.conf.broker_url
+    app.conf.broker_url = url
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+    return previous
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a Redis for this session: ``OMNIQ_TEST_REDIS_URL`` if set, else a throwaway redis-server."""

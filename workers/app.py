@@ -83,7 +83,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
-    app = Celery("omniq", include=["workers.tasks"])
+    app = Celery("omniq", include=["workers.tasks", "workers.lifecycle"])
     app.conf.update(celery_config(settings))
     return app
 

@@ -20,16 +20,17 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.state import PREFIX, JobState
+from workers.state import ACTIVE_SET, PREFIX, JobState
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, units; ARGV: holder, ttl ms, unit, now.
+# KEYS: lease, units, active set; ARGV: holder, ttl ms, unit, now, job id.
 # A unit still marked 'started' with no lease left was not finished, retried or handed back: its worker died
 # and nobody noticed yet (the lease expired before the watchdog swept). That death is counted here.
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] then return {0, current, 0} end
+redis.call('SADD', KEYS[3], ARGV[5])
 local deaths = 0
 if redis.call('HEXISTS', KEYS[2], ARGV[3] .. ':started') == 1 then
   deaths = redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':deaths', 1)
@@ -47,11 +48,16 @@ redis.call('HSET', KEYS[2], ARGV[4] .. ':started', ARGV[5])
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':starts', 1)
 return redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':deaths', 1)
 """
-# KEYS: lease; ARGV: holder, ttl ms. 1 renewed, 2 re-taken after it expired (e.g. over a Redis outage), 0 lost
+# KEYS: lease, units; ARGV: holder, ttl ms, unit, now. 1 renewed, 2 re-taken after it expired (e.g. over a
+# Redis outage; the unit is marked started again, since this worker is running it), 0 taken over by another
 _RENEW = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('HSETNX', KEYS[2], ARGV[3] .. ':started', ARGV[4])
+  return 2
+end
 return 0
 """
 # KEYS: lease, units; ARGV: unit, started value seen by the caller, the dead holder ('' if the lease expired).
@@ -165,7 +171,8 @@ class Leases:
         holder = f"{process_identity()}|{uuid.uuid4().hex[:8]}"
         units = JobState.key(job_id, "units")
         now = time.time()
-        ok, current, deaths = self._acquire(keys=[key, units], args=[holder, self.ttl_ms, unit, now])
+        keys, args = [key, units, ACTIVE_SET], [holder, self.ttl_ms, unit, now, job_id]
+        ok, current, deaths = self._acquire(keys=keys, args=args)
         deaths = int(deaths)
         if not int(ok):
             if not holder_is_dead(current):
@@ -216,18 +223,21 @@ class Leases:
             return dict(self._held)
 
     def renew_now(self) -> None:
-        """Renew every held lease once (the thread calls this; tests may too)."""
+        """Renew every held lease once (the thread calls this; tests may too). Runs under the lock, so a
+        lease released meanwhile is not taken again after its release."""
         with self._lock:
-            held = dict(self._held)
-        if not held:
-            return
-        with self.state.redis.pipeline(transaction=False) as pipe:
-            for key, holder in held.items():
-                self._renew(keys=[key], args=[holder, self.ttl_ms], client=pipe)
-            results = pipe.execute()
-        for (key, _), result in zip(held.items(), results, strict=True):
-            if int(result) == 0:
-                log.warning("lease %s was taken over by another worker; this worker's copy is now a duplicate", key)
+            if not self._held:
+                return
+            now = time.time()
+            with self.state.redis.pipeline(transaction=False) as pipe:
+                for key, holder in self._held.items():
+                    job_id, unit = self._units[key]
+                    keys = [key, JobState.key(job_id, "units")]
+                    self._renew(keys=keys, args=[holder, self.ttl_ms, unit, now], client=pipe)
+                results = pipe.execute()
+            for key, result in zip(self._held, results, strict=True):
+                if int(result) == 0:
+                    log.warning("lease %s was taken over by another worker; this one's copy is now a duplicate", key)
 
     def _renew_loop(self) -> None:
         while not self._stopped.wait(self.renew_seconds):

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 
-from pipeline import job
+from pipeline import assemble, job
 from pipeline.config import Settings
 from pipeline.discover import Discovered, Filters, discover
 from pipeline.errors import OmniqError
 from pipeline.sources import local_path
-from pipeline.spec import put_json
 from pipeline.storage import Storage
 from workers.leases import Leases
 from workers.recovery import INGEST
@@ -176,7 +175,8 @@ def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> OmniqError | N
             storage.put_file(key, path)  # remote workers cannot read this machine's disk
             spec.input_uri = storage.uri(key)
         document = {**spec.to_dict(), "enqueued_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        put_json(storage, f"{job.work_prefix(spec.job_id)}/{SPEC_FILE}", document)
+        key = f"{job.work_prefix(spec.job_id)}/{SPEC_FILE}"
+        storage.put_bytes(key, assemble.dumps(document), "application/json", unless_same=False)  # one request
     except OmniqError as error:
         return error
     return None

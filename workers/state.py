@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 PREFIX = "omniq"
 JOBS_INDEX = f"{PREFIX}:jobs"  # every job, scored by creation time (for `omniq status`)
-ACTIVE_SET = f"{PREFIX}:active"  # jobs that are queued or running (what the watchdog looks at)
+ACTIVE_SET = f"{PREFIX}:active"  # what the watchdog looks at: jobs at work, and queued jobs not yet sent
 PENDING_FAILURES = f"{PREFIX}:pending-failures"  # failed jobs whose manifest could not be written yet
 ACTIVE = ("queued", "ingesting", "running", "summarizing", "finalizing")
 FINISHED = ("done", "failed", "cancelled")
@@ -40,7 +40,7 @@ end
 return {n, 0}
 """
 # KEYS: job hash, chunks set, trigger, units, jobs index, active set;
-# ARGV: job_id, source, media_id, spec, now, tag, force
+# ARGV: job_id, source, media_id, spec, now, tag, force, lease key prefix
 # (Re)creates a job unless it is queued or running (or ``force``, which the caller gives only for a job whose
 # leases are all stale): two producers racing on one file enqueue it once.
 _CREATE = """
@@ -48,6 +48,10 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if ARGV[7] ~= '1' and (status == 'queued' or status == 'ingesting' or status == 'running'
    or status == 'summarizing' or status == 'finalizing') then
   return status
+end
+for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do  -- an earlier run's leases go with its units
+  local unit = string.match(field, '^(.*):sent$') or string.match(field, '^(.*):started$')
+  if unit then redis.call('DEL', ARGV[8] .. unit) end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'source', ARGV[2], 'media_id', ARGV[3], 'spec', ARGV[4],
@@ -68,8 +72,17 @@ for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'done' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[1], 'retry_at', 'retry_reason')
+elseif ARGV[2] ~= 'queued' then
+  redis.call('SADD', KEYS[2], ARGV[1])
 end
 return 'ok'
+"""
+# KEYS: job hash, active set; ARGV: job_id. A job whose ingest message is sent and that is still queued waits in
+# the queue: nothing for the watchdog to watch until a worker starts it (a library of 100,000 queued files
+# costs the sweeps nothing).
+_WAITING = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
 """
 
 
@@ -135,6 +148,7 @@ class JobState:
         self._complete = client.register_script(_COMPLETE)
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
+        self._waiting = client.register_script(_WAITING)
 
     @classmethod
     def from_url(cls, url: str, retry_seconds: float = 2.0) -> JobState:
@@ -176,6 +190,7 @@ class JobState:
                 ]
                 force = "1" if job_id in forced else "0"
                 args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), now, spec.get("tag") or "", force]
+                args.append(f"{PREFIX}:lease:{job_id}:")  # workers.leases.lease_key
                 self._create(keys=keys, args=args, client=pipe)
             return [str(result) for result in pipe.execute()]
 
@@ -256,6 +271,8 @@ class JobState:
                 if chunks is not None:
                     mapping[f"{unit}:chunks"] = ",".join(str(c) for c in chunks)
                 pipe.hset(self.key(job_id, "units"), mapping=mapping)
+                if unit == "ingest":
+                    self._waiting(keys=[self.key(job_id), ACTIVE_SET], args=[job_id], client=pipe)
             pipe.execute()
 
     def was_sent(self, job_id: str, unit: str) -> bool:

@@ -9,14 +9,13 @@ reason in its manifest and state for permanent errors, or when the unit has kill
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from functools import cache
 from typing import Any
 
 import redis
-from celery import Task, signals
+from celery import Task
 from celery.exceptions import Ignore, Retry
 from kombu.exceptions import OperationalError
 
@@ -26,7 +25,7 @@ from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError, SourceNotFound, TransientError
 from pipeline.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
-from workers import metrics, watchdog
+from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
 from workers.leases import Leases
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
@@ -123,6 +122,7 @@ class OmniqTask(Task):
 
     acks_late = True
     reject_on_worker_lost = True
+    max_retries = None  # retries end on a time budget (_retry_later), not on a count
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Time every task and how long it waited in its queue: one place for all tasks."""
@@ -141,10 +141,13 @@ class OmniqTask(Task):
     def _run_unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         job_id, unit = kwargs["job_id"], unit_of(self.name, kwargs)
         status = state().status(job_id)
-        if status not in RUNS_IN[self.name] or state().is_unit_done(job_id, unit):
-            # a late duplicate (the job ended or moved past this step), a unit already done, or a job whose
-            # state was lost (``omniq recover`` and the watchdog send its work again)
-            log.info("dropping %s of job %s (job %s, %s)", unit, job_id, status, "unit done" if status else "")
+        # a late duplicate (the job ended or moved past this step), a unit already done, or a job whose state
+        # was lost (``omniq recover`` and the watchdog send its work again): nothing to do
+        if status not in RUNS_IN[self.name]:
+            log.info("dropping %s of job %s: the job is %s", unit, job_id, status or "unknown to Redis")
+            return None
+        if state().is_unit_done(job_id, unit):
+            log.info("dropping %s of job %s: that unit is done", unit, job_id)
             return None
         lease = leases().acquire(job_id, unit)
         if not lease.held:
@@ -179,7 +182,7 @@ class OmniqTask(Task):
             state().unit_retrying(job_id, unit, reason, time.time() + delay)
             metrics.RETRIES.labels(queue=self.queue_name, model=config.model, task=self.name).inc()
             log.warning("%s of job %s: %s; next attempt in %.0f s", unit, job_id, reason, delay)
-            return self.retry(exc=error, countdown=delay, max_retries=None)
+            return self.retry(exc=error, countdown=delay)
         except Retry as retry:
             return retry
         except Exception as unsent:  # Redis itself is down: the watchdog sends the unit again once it is back
@@ -389,29 +392,3 @@ def finalize(self: Task, job_id: str, source: str) -> None:
         state().incr(job_id, "finalized")
         metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status="done").inc()
     job.update_index(_index_or_none(), storage(), plan.spec.media_id)
-
-
-# -- worker lifecycle -------------------------------------------------------------------------------------
-
-
-@signals.worker_ready.connect
-def _start_watchdog(sender: Any = None, **_: Any) -> None:
-    """Every worker runs the watchdog thread (one sweeps at a time) and registers the queues it serves."""
-    queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
-    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    watchdog.start(name, queues, settings())
-
-
-@signals.worker_shutting_down.connect
-def _hand_back_leases(how: str = "", **_: Any) -> None:
-    """Cold shutdown (SIGTERM via ``omniq worker``): the running tasks were cancelled after the soft-shutdown
-    wait and their messages go back to the queue as the connection closes; give their units back too, so
-    another worker starts them at once instead of waiting for the leases to expire. (A warm shutdown lets
-    the tasks finish, so it keeps the leases.)"""
-    if how == "Cold":
-        leases().release_all()
-
-
-@signals.worker_process_shutdown.connect
-def _release_child_leases(**_: Any) -> None:
-    leases().release_all()

@@ -58,6 +58,8 @@ def test_a_file_that_kills_its_worker_every_time_fails_and_the_queue_moves_on(cl
     assert cluster.state.units(poison)["ingest:deaths"] == "3"
     reason = "worker died 3 times while ingesting"
     assert jobs[poison]["error"].startswith(reason)
+    key = f"results/{jobs[poison]['media_id']}/manifest.json"
+    cluster.wait_for("the failed manifest", lambda: cluster.storage.exists(key), timeout=30)  # follows the status
     manifest = cluster.manifest(jobs[poison]["media_id"])
     assert manifest["status"] == "failed" and manifest["error"].startswith(reason)
     assert cluster.workers["media"].alive()  # the worker itself survived each of its children

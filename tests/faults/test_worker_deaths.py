@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.conftest import use_broker
 from tests.faults.cluster import Cluster
 
 pytestmark = pytest.mark.slow
@@ -105,7 +106,7 @@ def test_busy_gpu_worker_answers_and_sigterm_hands_its_unit_back_at_once(cluster
         "the GPU worker to start the batch", lambda: cluster.lease_holder_pid(job_id, "infer-0") == gpu.pid, 120
     )
     name = f"gpu-{gpu.pid}@{socket.gethostname()}"
-    app.conf.broker_url = cluster.redis.url
+    use_broker(cluster.redis.url)
     for _ in range(2):
         time.sleep(1.0)
         assert app.control.ping(destination=[name], timeout=3) == [{name: {"ok": "pong"}}]

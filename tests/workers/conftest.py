@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from tests.conftest import use_broker
 from workers.state import JobState
 
 
@@ -14,13 +15,11 @@ def broker(redis_url, monkeypatch):
     url = redis_url.rsplit("/", 1)[0] + "/5"
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
-    from workers.app import app
 
-    previous = app.conf.broker_url
-    app.conf.broker_url = url  # the producer opens its connection from this at each call
+    previous = use_broker(url)
     yield url, client, JobState(client)
     client.flushdb()
-    app.conf.broker_url = previous
+    use_broker(previous)
 
 
 def queued(client, queue="media"):

@@ -19,6 +19,7 @@ from pipeline.config import Settings
 from pipeline.media.sample import make_sample
 from pipeline.storage import S3Storage
 from tests.browser import chromium_page
+from tests.conftest import use_broker
 from tests.servers import find_free_port
 from workers.producer import enqueue
 from workers.state import JobState
@@ -66,9 +67,8 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
         workers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the producer in this process uses the same settings
-    from workers.app import app
 
-    app.conf.broker_url = redis_url
+    use_broker(redis_url)
     try:
         settings = Settings()
         yield {
@@ -104,7 +104,7 @@ def _wait(cluster, job_ids, timeout=240.0):
         if all(j and j["status"] in ("done", "failed") for j in jobs):
             return {j["job_id"]: j for j in jobs}
         time.sleep(0.5)
-    logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"].iterdir())
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in cluster["logs"].glob("*.log"))
     raise AssertionError(f"jobs not finished in {timeout}s: {[cluster['state'].get(j) for j in job_ids]}\n{logs}")
 
 
@@ -127,7 +127,12 @@ def _cli(cluster, *args):
 
 
 def _manifest(cluster, media_id):
-    return json.loads(cluster["storage"].get_bytes(f"results/{media_id}/manifest.json"))
+    """The manifest (a failed job's follows its status by a moment: wait for it, within limits)."""
+    key = f"results/{media_id}/manifest.json"
+    deadline = time.monotonic() + 30
+    while not cluster["storage"].exists(key) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return json.loads(cluster["storage"].get_bytes(key))
 
 
 def test_several_files_with_s3_storage(cluster, tmp_path):

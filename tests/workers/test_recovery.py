@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import fakeredis
@@ -153,6 +154,31 @@ def test_renewal_keeps_a_lease_and_retakes_one_that_expired(state):
     state.redis.set(key, "someone-else")  # the watchdog gave it to another worker: not taken back
     leases.renew_now()
     assert state.redis.get(key) == "someone-else"
+
+
+def test_a_lease_released_while_it_is_being_renewed_stays_released(state, monkeypatch):
+    leases = Leases(state, 45, 1000)  # no renewals but the one below
+    got = leases.acquire("j", "infer-0")
+    state.redis.delete(lease_key("j", "infer-0"))  # it expired: the renewal takes it again
+    releasing = threading.Thread(target=leases.release, args=("j", "infer-0", got.holder))
+    real_pipeline = state.redis.pipeline
+
+    def pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        def execute(*a, **k):
+            releasing.start()  # the task ends and releases its lease in the middle of the renewal
+            releasing.join(timeout=0.5)
+            return real_execute(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(state.redis, "pipeline", pipeline)
+    leases.renew_now()
+    releasing.join(timeout=5)
+    assert not state.redis.exists(lease_key("j", "infer-0"))  # not renewed back into existence
 
 
 def test_the_renewing_thread_keeps_a_short_lease_alive(state):

@@ -85,13 +85,14 @@ def _run(w):
 def test_transient_errors_retry_until_the_time_budget_is_spent(wired, monkeypatch):
     from prometheus_client import REGISTRY
 
-    calls = _ingest_raising(monkeypatch, [TransientError("s3://b/k: storage is unavailable (503)")], wired.clock)
+    error = TransientError("s3://b/k: storage is unavailable (503)")
+    calls = _ingest_raising(monkeypatch, [error], wired.clock, step=120.0)
     labels = {"queue": "media", "model": "tiny", "task": "omniq.ingest"}
     before = REGISTRY.get_sample_value("omniq_task_retries_total", labels) or 0.0
     _run(wired)
-    # tried at 0, 10, 20 and 30 min of a 30 min budget: then the job fails with the real cause
-    assert len(calls) == 4 and calls[-1] - calls[0] == 1800
-    assert REGISTRY.get_sample_value("omniq_task_retries_total", labels) == before + 3
+    # tried every 2 min for the 30 min budget (no cap on the count): then the job fails with the real cause
+    assert len(calls) == 16 and calls[-1] - calls[0] == 1800
+    assert REGISTRY.get_sample_value("omniq_task_retries_total", labels) == before + 15
     job_state = wired.state.get(wired.spec.job_id)
     assert job_state["status"] == "failed" and job_state["retry_at"] is None
     manifest = json.loads(wired.storage.get_bytes(f"results/{wired.spec.media_id}/manifest.json"))
@@ -144,10 +145,10 @@ class FlakyStorage(LocalStorage):
 
     down = True
 
-    def put_bytes(self, key, data, content_type=None):
+    def put_bytes(self, key, data, content_type=None, unless_same=True):
         if self.down:
             raise TransientError(f"{self.uri(key)}: cannot reach storage (connection refused)")
-        return super().put_bytes(key, data, content_type)
+        return super().put_bytes(key, data, content_type, unless_same)
 
 
 def test_failure_manifest_waits_for_the_store_and_the_handler_never_raises(wired, monkeypatch, tmp_path):

@@ -47,6 +47,26 @@ def test_transitions_never_revive_an_ended_job(state):
     assert not state.advance("unknown", "running") and state.get("unknown") is None
 
 
+def test_the_watchdog_watches_jobs_at_work_and_unsent_ones_not_jobs_waiting_in_a_queue(state):
+    state.create("j1", "s", "m", {})
+    assert "j1" in set(state.active_ids())  # its message may never have been sent
+    state.mark_sent([("j1", "ingest", None)])
+    assert "j1" not in set(state.active_ids())  # waiting in the queue: nothing to watch
+    assert state.advance("j1", "ingesting")
+    assert "j1" in set(state.active_ids())
+    state.mark_sent([("j1", "ingest", None)])  # sent again by the watchdog while ingesting: still watched
+    assert "j1" in set(state.active_ids())
+
+
+def test_a_new_run_starts_without_the_leases_of_the_last_one(state):
+    state.create("j1", "s", "m", {})
+    state.mark_sent([("j1", "infer-0", [0])])
+    state.redis.set("omniq:lease:j1:infer-0", "left over", px=60_000)
+    state.finish("j1", "done")
+    state.create("j1", "s", "m", {})
+    assert not state.redis.exists("omniq:lease:j1:infer-0")
+
+
 def test_create_is_refused_for_an_active_job_unless_forced(state):
     assert state.create("j1", "s", "m", {}) == "created"
     state.advance("j1", "running")

@@ -16,6 +16,7 @@ import redis
 
 from pipeline import job
 from pipeline.config import Settings
+from tests.conftest import use_broker
 from tests.moto_server import MotoServer
 from tests.workers.test_triggers import FakeProducer
 from workers.events import parse_message
@@ -225,13 +226,11 @@ def broker(redis_url):
     url = redis_url.rsplit("/", 1)[0] + "/6"
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
-    from workers.app import app
 
-    previous = app.conf.broker_url
-    app.conf.broker_url = url  # the producer opens its connection from this at each call
+    previous = use_broker(url)
     yield url, client
     client.flushdb()
-    app.conf.broker_url = previous
+    use_broker(previous)
 
 
 def queued_messages(client: redis.Redis, queue: str = "media") -> int:

@@ -1,0 +1,33 @@
+"""Worker lifecycle hooks: start the watchdog when a worker is ready, hand work back when it stops."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import signals
+
+from workers import tasks, watchdog
+
+
+@signals.worker_ready.connect
+def _start_watchdog(sender: Any = None, **_: Any) -> None:
+    """Every worker runs the watchdog thread (one sweeps at a time) and registers the queues it serves."""
+    queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    watchdog.start(name, queues, tasks.settings())
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_leases(how: str = "", **_: Any) -> None:
+    """Cold shutdown (SIGTERM via ``omniq worker``): the running tasks were cancelled after the soft-shutdown
+    wait and their messages go back to the queue as the connection closes; give their units back too, so
+    another worker starts them at once instead of waiting for the leases to expire. (A warm shutdown lets
+    the tasks finish, so it keeps the leases.)"""
+    if how == "Cold":
+        tasks.leases().release_all()
+
+
+@signals.worker_process_shutdown.connect
+def _release_child_leases(**_: Any) -> None:
+    tasks.leases().release_all()
