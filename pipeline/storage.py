@@ -35,6 +35,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
     def delete_prefix(self, prefix: str) -> int: ...
+    def delete(self, key: str) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
 
@@ -97,6 +98,10 @@ class LocalStorage:
         count = sum(1 for p in target.rglob("*") if p.is_file())
         shutil.rmtree(target)
         return count
+
+    def delete(self, key: str) -> None:
+        """Remove one object (no error if it is gone)."""
+        self.path(key).unlink(missing_ok=True)
 
     def put_file(self, key: str, path: Path) -> None:
         self.put_bytes(key, path.read_bytes())
@@ -230,6 +235,10 @@ class S3Storage:
             batch = [{"Key": key} for key in keys[first : first + 1000]]
             self._call(self.url, "delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
+
+    def delete(self, key: str) -> None:
+        """Remove one object (S3 answers the same whether it existed or not)."""
+        self._call(self.uri(key), "delete_object", Bucket=self.bucket, Key=self._key(key))
 
     def put_file(self, key: str, path: Path) -> None:
         self.put_bytes(key, path.read_bytes())

@@ -125,6 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from pipeline.spec import work_prefix
     from pipeline.storage import open_storage
+    from workers.restore import record_cancelled
 
     settings = Settings()
     state = _state(settings)
@@ -140,6 +141,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             code = 1
         else:
             removed = storage.delete_prefix(work_prefix(job_id))  # a step still running removes what it writes
+            record_cancelled(storage, job_id, (state.spec(job_id) or {}).get("run_id"))
             print(f"cancelled {job_id} (was {status}; {removed} work files removed)")
     return code
 

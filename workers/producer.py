@@ -4,9 +4,10 @@ For large inputs (an S3 prefix of 10,000 objects) the costs are: one S3 listing 
 (fingerprints come from the listing), one Redis round trip per 500 jobs to find finished/running ones, and
 one broker connection for all messages. The store is read only for jobs Redis does not know.
 
-Each job is recorded in the store (``work/<job>/spec.json``) before its state is created and its message
-sent; the watchdog sends the message of a job that is ``queued`` but was never sent (a producer that died
-between the two), and ``omniq recover`` rebuilds jobs from the store if Redis loses its data.
+Each batch of jobs is recorded in the store (``work/_enqueued/<batch>.json``, one request) before their state is
+created and their messages sent; the watchdog sends the message of a job that is ``queued`` but was never sent
+(a producer that died between the two), and ``omniq recover`` rebuilds jobs from the store if Redis loses its
+data.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import islice
 
-from pipeline import assemble, job
+from pipeline import job
 from pipeline.config import Settings
 from pipeline.discover import Discovered, Filters, discover
 from pipeline.errors import OmniqError
@@ -27,7 +27,7 @@ from pipeline.sources import local_path
 from pipeline.storage import Storage
 from workers.leases import Leases
 from workers.recovery import INGEST
-from workers.restore import SPEC_FILE
+from workers.restore import record_batch
 from workers.state import ACTIVE, JobState
 from workers.watchdog import is_stale
 
@@ -130,7 +130,7 @@ def enqueue(
                     slots[position] = Enqueued(spec.source, spec.job_id, "skipped", "already done with this config")
                     continue
                 candidates.append((position, spec))
-            # uploads and spec.json writes in parallel: on S3 each is a request of its own
+            # uploads (local sources to a remote store) in parallel: each is a request of its own
             errors = list(pool.map(lambda pair: _prepare(pair[1], storage, force), candidates))
             to_publish: list[tuple[int, job.JobSpec]] = []
             for (position, spec), error in zip(candidates, errors, strict=True):
@@ -139,6 +139,8 @@ def enqueue(
                 else:
                     slots[position] = Enqueued(spec.source, spec.job_id, "rejected", str(error))
             payloads = [spec.to_dict() for _, spec in to_publish]
+            if payloads:  # the store knows the batch before Redis does: a Redis that loses it loses no job
+                record_batch(storage, payloads)
             created = state.create_many(payloads, forced)
             sent: list[tuple[str, str, None]] = []
             for (position, spec), payload, result in zip(to_publish, payloads, created, strict=True):
@@ -164,8 +166,7 @@ def enqueue(
 
 
 def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> OmniqError | None:
-    """Make the source readable by every worker and record the job in the store (``work/<job>/spec.json``),
-    so that a Redis that loses its data loses no job. A forced run starts without an earlier run's files."""
+    """Make the source readable by every worker; a forced run starts without an earlier run's files."""
     try:
         if force:
             storage.delete_prefix(job.work_prefix(spec.job_id))
@@ -174,9 +175,6 @@ def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> OmniqError | N
             key = f"{job.work_prefix(spec.job_id)}/input/{path.name}"
             storage.put_file(key, path)  # remote workers cannot read this machine's disk
             spec.input_uri = storage.uri(key)
-        document = {**spec.to_dict(), "enqueued_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        key = f"{job.work_prefix(spec.job_id)}/{SPEC_FILE}"
-        storage.put_bytes(key, assemble.dumps(document), "application/json", unless_same=False)  # one request
     except OmniqError as error:
         return error
     return None

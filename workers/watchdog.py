@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from pipeline.config import Settings
+from pipeline.errors import OmniqError
 from workers.leases import Leases, holder_is_dead
 from workers.recovery import Action, JobView, decide, parse_units
 from workers.state import PENDING_FAILURES, PREFIX, JobState
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 LOCK = f"{PREFIX}:watchdog"
 EPOCH = f"{PREFIX}:epoch"  # set by the first sweep of a Redis; missing again means Redis lost its data
 WORKERS = f"{PREFIX}:worker:"
+PRUNE_EVERY_SECONDS = 600.0  # how often a sweep also removes the producer's batch records that served
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -92,6 +94,7 @@ class Watchdog:
         self.leases = leases
         self.settings = settings
         self.last_redis_error = 0.0
+        self.last_prune = 0.0
 
     def sweep(self, now: float | None = None, force: bool = False) -> Counter[str] | None:
         """Run one sweep if this worker gets the lock (``force``: regardless); returns what it did."""
@@ -124,6 +127,14 @@ class Watchdog:
                     report[self.apply(view, record, action, tasks)] += 1
         for job_id in self.state.redis.smembers(PENDING_FAILURES):
             report["failure_manifests" if tasks.write_failure_manifest(job_id) else "failure_manifests_waiting"] += 1
+        if now - self.last_prune > PRUNE_EVERY_SECONDS:
+            self.last_prune = now
+            from workers.restore import prune_batch_records
+
+            try:
+                report["batch_records_pruned"] = prune_batch_records(tasks.storage(), self.state)
+            except OmniqError as error:
+                log.warning("could not prune the producer's batch records (will try again): %s", error)
         return report
 
     def apply(self, view: JobView, record: dict[str, str], action: Action, tasks: Any) -> str:

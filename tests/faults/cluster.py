@@ -215,8 +215,13 @@ class Cluster:
         try:
             return self.wait_for(f"jobs {job_ids} to end", finished, timeout, interval=0.3)
         except AssertionError as error:
-            states = {j: self.state.get(j) for j in job_ids}
-            raise AssertionError(f"{error}\nstates: {json.dumps(states, indent=1)}") from None
+            states = {}
+            for job_id in job_ids:
+                job = self.state.get(job_id) or {}
+                if job.get("status") not in ("done", "failed", "cancelled"):
+                    leases = {k: self.state.redis.get(k) for k in self.state.redis.scan_iter(f"omniq:lease:{job_id}:*")}
+                    states[job_id] = {"job": job, "units": self.state.units(job_id), "leases": leases}
+            raise AssertionError(f"{error}\nunfinished: {json.dumps(states, indent=1)}") from None
 
     def results(self, media_id: str) -> dict[str, bytes]:
         return {name: self.storage.get_bytes(f"results/{media_id}/{name}") for name in RESULT_FILES}

@@ -35,10 +35,11 @@ def test_directory_then_again_then_done_then_forced(broker, library, tmp_path):
     assert message["headers"]["task"] == "omniq.ingest"
     kwargs = json.loads(__import__("base64").b64decode(message["body"]))[1]
     assert kwargs["spec"]["tag"] == "season-1" and kwargs["source"].startswith("file:///")
-    for outcome in first:  # recorded in the store before it was sent, and marked sent after
-        stored = json.loads(storage.get_bytes(f"work/{outcome.job_id}/spec.json"))
-        assert stored["job_id"] == outcome.job_id and stored["run_id"] and stored["enqueued_at"]
-        assert state.was_sent(outcome.job_id, "ingest")
+    (record_key,) = storage.list_keys("work/_enqueued")  # the batch, recorded in the store in one request
+    record = json.loads(storage.get_bytes(record_key))
+    assert record["enqueued_at"] and {spec["job_id"] for spec in record["specs"]} == {o.job_id for o in first}
+    assert all(spec["run_id"] for spec in record["specs"])
+    assert all(state.was_sent(outcome.job_id, "ingest") for outcome in first)  # and marked sent after sending
 
     again = enqueue([str(library)], settings, storage, state)
     assert {(o.status, o.reason) for o in again} == {("skipped", "already queued")}

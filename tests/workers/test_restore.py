@@ -15,7 +15,7 @@ from pipeline.media.sample import make_sample
 from pipeline.spec import chunk_prefix, put_json, work_prefix
 from pipeline.storage import LocalStorage
 from workers import tasks
-from workers.restore import restore_from_store
+from workers.restore import prune_batch_records, record_batch, record_cancelled, restore_from_store
 
 
 def _messages(client):
@@ -43,16 +43,12 @@ def test_every_unfinished_job_is_rebuilt_and_its_missing_work_sent(broker, store
     monkeypatch.setattr(tasks, "state", lambda: state)
     storage, settings = store
     specs = {}
-    for name in ("queued", "some-chunks", "all-chunks", "summarized", "finished", "known"):
+    for name in ("queued", "some-chunks", "all-chunks", "summarized", "finished", "known", "cancelled"):
         clip = make_sample(tmp_path / f"{name}.mp3", 14.0, video=False)  # three chunks of ~5 s
         spec = job.make_spec(str(clip), settings)
         spec.run_id = f"run-{name}"
-        put_json(
-            storage,
-            f"{work_prefix(spec.job_id)}/spec.json",
-            {**spec.to_dict(), "enqueued_at": "2026-12-01T10:00:00+00:00"},
-        )
         specs[name] = spec
+    record = record_batch(storage, [spec.to_dict() for spec in specs.values()])  # what the producer writes
     for name in ("some-chunks", "all-chunks", "summarized"):
         plan = job.ingest(specs[name], settings, storage)
         assert len(plan.chunks) == 3
@@ -67,6 +63,8 @@ def test_every_unfinished_job_is_rebuilt_and_its_missing_work_sent(broker, store
     known = specs["known"]
     state.create(known.job_id, known.source, known.media_id, known.to_dict())
 
+    record_cancelled(storage, specs["cancelled"].job_id, "run-cancelled")  # what `omniq cancel` leaves
+
     report = restore_from_store(storage, state, settings)
 
     assert dict(report) == {
@@ -77,6 +75,7 @@ def test_every_unfinished_job_is_rebuilt_and_its_missing_work_sent(broker, store
         "finished": 1,
         "orphaned": 1,
         "known": 1,
+        "cancelled": 1,
     }
     sent = {(task, kwargs["job_id"]): kwargs for task, kwargs, _ in _messages(client)}
     assert set(sent) == {
@@ -99,4 +98,15 @@ def test_every_unfinished_job_is_rebuilt_and_its_missing_work_sent(broker, store
     assert state.get(known.job_id)["status"] == "queued"  # left to the watchdog
 
     again = restore_from_store(storage, state, settings)  # nothing twice
-    assert again["known"] == 6 and len(_messages(client)) == 4
+    assert again["known"] == 6 and again["cancelled"] == 1 and len(_messages(client)) == 4
+
+    # the batch record stays while one of its jobs waits in the queue, and goes once none does
+    assert prune_batch_records(storage, state, older_than=0) == 0 and storage.exists(record)
+    state.advance(specs["queued"].job_id, "ingesting")
+    state.advance(known.job_id, "ingesting")
+    assert prune_batch_records(storage, state, older_than=0) == 0  # Redis does not know the cancelled one
+    gone = specs["cancelled"]
+    state.create(gone.job_id, gone.source, gone.media_id, gone.to_dict())
+    state.finish(gone.job_id, "cancelled")
+    assert prune_batch_records(storage, state, older_than=0) == 2  # the batch record and the cancel marker
+    assert not storage.exists(record) and list(storage.list_keys("work/_enqueued")) == []
