@@ -30,7 +30,8 @@ RESULT_FILES = (
 CONTENT_TYPES = {".json": "application/json", ".srt": "application/x-subrip", ".vtt": "text/vtt", ".txt": "text/plain"}
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """Now, as manifests and the producer's batch records write it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -88,7 +89,7 @@ def finalize(
         "timings": all_timings,
         "tokens": sum(c.new_tokens for c in chunks),
         "error": None,
-        "finished_at": _now(),
+        "finished_at": now_iso(),
         "outputs": {name: storage.uri(f"{prefix}/{name}") for name in RESULT_FILES},
     }
     if manifest["random_weights"]:
@@ -123,7 +124,7 @@ def write_failure(
         "status": "failed",
         "error": error_text(error),
         "timings": timings or {},
-        "finished_at": _now(),
+        "finished_at": now_iso(),
         "outputs": {},
     }
     put_json(storage, f"{results_prefix(spec.media_id)}/manifest.json", manifest)

@@ -30,7 +30,7 @@ class Storage(Protocol):
     url: str
 
     def uri(self, key: str) -> str: ...
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None, unless_same: bool = True) -> bool: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool: ...
     def get_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
@@ -59,9 +59,9 @@ class LocalStorage:
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None, unless_same: bool = True) -> bool:
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool:
         target = self.path(key)
-        if unless_same and target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+        if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
             return False
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -190,12 +190,11 @@ class S3Storage:
                 raise
             raise translated from error
 
-    def put_bytes(self, key: str, data: bytes, content_type: str | None = None, unless_same: bool = True) -> bool:
-        """One PUT; with ``unless_same`` a HEAD first skips it when the stored object has the same bytes."""
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> bool:
         s3_key = self._key(key)
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         try:
-            head = self._call(self.uri(key), "head_object", Bucket=self.bucket, Key=s3_key) if unless_same else {}
+            head = self._call(self.uri(key), "head_object", Bucket=self.bucket, Key=s3_key)
             if head.get("ETag", "").strip('"') == md5 and head.get("ContentLength") == len(data):
                 return False
         except SourceNotFound:

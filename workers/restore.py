@@ -14,13 +14,12 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
 from typing import Any
 
 from pipeline import job
 from pipeline.config import Settings
 from pipeline.errors import OmniqError, SourceNotFound
-from pipeline.finalize import job_manifest
+from pipeline.finalize import job_manifest, now_iso
 from pipeline.spec import JobSpec, get_json, put_json
 from pipeline.storage import Storage
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE
@@ -31,10 +30,6 @@ log = logging.getLogger(__name__)
 ENQUEUED = "work/_enqueued"  # one record per producer batch
 CANCELLED = f"{ENQUEUED}/cancelled"  # one marker per cancelled run, so a rebuild does not bring it back
 PRUNE_AFTER_SECONDS = 3600.0  # a batch record is kept at least this long
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def record_batch(storage: Storage, specs: list[dict[str, Any]]) -> str:
@@ -60,9 +55,8 @@ def _cancelled(storage: Storage) -> set[tuple[str, str | None]]:
     return runs
 
 
-def _enqueued(storage: Storage) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[str]]:
-    """The latest enqueued spec of every job in the batch records (job id → (enqueued_at, spec)), and the
-    record keys."""
+def _enqueued(storage: Storage) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The latest enqueued spec of every job in the batch records: job id → (enqueued_at, spec)."""
     latest: dict[str, tuple[str, dict[str, Any]]] = {}
     keys = [key for key in storage.list_keys(ENQUEUED) if not key.startswith(f"{CANCELLED}/")]
     for key in keys:
@@ -74,19 +68,19 @@ def _enqueued(storage: Storage) -> tuple[dict[str, tuple[str, dict[str, Any]]], 
             when = str(record.get("enqueued_at", ""))
             if spec["job_id"] not in latest or latest[spec["job_id"]][0] <= when:
                 latest[spec["job_id"]] = (when, spec)
-    return latest, keys
+    return latest
 
 
 def restore_from_store(storage: Storage, state: JobState, settings: Settings) -> Counter[str]:
     """Recreate the state of every unfinished job in the store that Redis does not know; returns counts
     (``ingest``, ``infer``, ``summarize``, ``finalize``: jobs sent to that step; ``known``, ``finished``,
-    ``orphaned``: jobs left alone)."""
+    ``cancelled``, ``orphaned``: jobs left alone)."""
     files: dict[str, set[str]] = defaultdict(set)
     for key in storage.list_keys("work"):
         parts = key.split("/", 2)
         if len(parts) == 3 and not key.startswith(f"{ENQUEUED}/"):
             files[parts[1]].add(parts[2])
-    enqueued, _ = _enqueued(storage)
+    enqueued = _enqueued(storage)
     cancelled = _cancelled(storage)
     job_ids = sorted(set(files) | set(enqueued))
     report: Counter[str] = Counter()
@@ -131,12 +125,11 @@ def _restore_job(  # type: ignore[no-untyped-def]
         ended = manifest["run_id"] == spec.run_id
     else:  # written before runs had ids: compare times
         ended = manifest is not None and str(manifest.get("finished_at", "")) >= (enqueued or ("", {}))[0]
+    state.create(job_id, spec.source, spec.media_id, spec.to_dict(), force=True)
     if manifest is not None and ended:
         # this run ended (its work files were kept, or finalize died before removing them)
-        state.create(job_id, spec.source, spec.media_id, spec.to_dict(), force=True)
         state.finish(job_id, manifest.get("status") or "failed", error=manifest.get("error") or "")
         return "finished"
-    state.create(job_id, spec.source, spec.media_id, spec.to_dict(), force=True)
     if plan is None:
         publish(spec, INGEST)
         return INGEST

@@ -255,9 +255,6 @@ class JobState:
         self.redis.hset(self.key(job_id), "updated_at", time.time())
         return int(done), bool(fired)
 
-    def done_chunks(self, job_id: str) -> set[int]:
-        return {int(i) for i in self.redis.smembers(self.key(job_id, "chunks"))}
-
     def units(self, job_id: str) -> dict[str, str]:
         """The raw unit fields (``<unit>:sent``, ``:started``, ``:done``, ``:deaths``, ``:chunks`` ...)."""
         return self.redis.hgetall(self.key(job_id, "units"))

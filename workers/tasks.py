@@ -27,7 +27,7 @@ from pipeline.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
 from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
-from workers.leases import Leases
+from workers.leases import Leases, holder_name
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
 from workers.state import FINISHED, PENDING_FAILURES, JobState
 
@@ -151,7 +151,8 @@ class OmniqTask(Task):
             return None
         lease = leases().acquire(job_id, unit)
         if not lease.held:
-            log.info("dropping a duplicate %s of job %s: %s is held by a live worker", self.name, job_id, unit)
+            holder = holder_name(lease.other)
+            log.info("dropping a duplicate %s of job %s: %s is held by %s", self.name, job_id, unit, holder)
             return None
         try:
             if lease.deaths:

@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -54,12 +54,13 @@ def load_views(state: JobState, leases: Leases, job_ids: list[str]) -> list[tupl
     rows = [(job_ids[i // 3], raw[i], raw[i + 1], raw[i + 2]) for i in range(0, len(raw), 3)]
     pairs = [(job_id, field.rpartition(":")[0]) for job_id, _, units, _ in rows for field in units]
     pairs = sorted(set(pairs))
-    holders = dict(zip(pairs, leases.alive(pairs), strict=True)) if pairs else {}
+    holders: dict[str, dict[str, str | None]] = defaultdict(dict)  # job id -> unit -> live holder
+    for (owner, unit), holder in zip(pairs, leases.alive(pairs) if pairs else [], strict=True):
+        holders[owner][unit] = holder
     views = []
     for job_id, record, units, chunks in rows:
         if not record:
             continue
-        own = {unit: holder for (owner, unit), holder in holders.items() if owner == job_id}
         view = JobView(
             job_id,
             record.get("status", ""),
@@ -67,7 +68,7 @@ def load_views(state: JobState, leases: Leases, job_ids: list[str]) -> list[tupl
             float(record.get("updated_at") or 0),
             int(record.get("chunks_total") or 0),
             {int(c) for c in chunks},
-            parse_units(units, own),
+            parse_units(units, holders.get(job_id)),
         )
         views.append((view, record))
     return views
