@@ -10,7 +10,18 @@ from typing import Any
 from pipeline import __version__, assemble, prompts, viewer
 from pipeline.assemble import ChunkResult
 from pipeline.config import Settings, config_hash_of
-from pipeline.spec import JobPlan, JobSpec, chunk_prefix, get_json, put_json, results_prefix, work_prefix
+from pipeline.errors import SourceNotFound
+from pipeline.media import pack
+from pipeline.spec import (
+    JobPlan,
+    JobSpec,
+    chunk_prefix,
+    get_json,
+    pack_key,
+    put_json,
+    results_prefix,
+    work_prefix,
+)
 from pipeline.storage import Storage
 
 RANDOM_NOTICE = (
@@ -95,16 +106,25 @@ def finalize(
     if manifest["random_weights"]:
         manifest["notice"] = RANDOM_NOTICE
     # the results page, with thumbnails from each chunk's first frame (work/ still exists here)
-    frame_keys = (
-        {c.index: f"{chunk_prefix(spec.job_id, c.index)}/frames/000000.jpg" for c in job_plan.chunks}
-        if job_plan.frame_shape
-        else {}
-    )
-    viewer.write_viewer(storage, manifest, frame_keys, settings)
+    first_frames = _first_frames(storage, job_plan) if job_plan.frame_shape else {}
+    viewer.write_viewer(storage, manifest, first_frames, settings)
     put_json(storage, f"{prefix}/manifest.json", manifest)
     if not settings.keep_work:
         storage.delete_prefix(work_prefix(spec.job_id))
     return manifest
+
+
+def _first_frames(storage: Storage, job_plan: JobPlan) -> dict[int, bytes]:
+    """Each chunk's first frame, read from its pack with one ranged GET (chunks without frames are left out)."""
+    frames = {}
+    for chunk in job_plan.chunks:
+        try:
+            frame = pack.read_first_frame(storage, pack_key(job_plan.spec.job_id, chunk.index))
+        except SourceNotFound:
+            continue  # a re-run after the work files were removed: the page is written without this thumbnail
+        if frame is not None:
+            frames[chunk.index] = frame
+    return frames
 
 
 def error_text(error: BaseException | str) -> str:

@@ -11,11 +11,14 @@ import io
 import logging
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline import prompts
 from pipeline.assemble import ChunkResult
@@ -30,7 +33,7 @@ from pipeline.finalize import (
     finished_manifest,
     write_failure,
 )
-from pipeline.media import extract, plan
+from pipeline.media import extract, pack, plan
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import check_limits, probe_media
 from pipeline.sources import fetch_source
@@ -41,6 +44,7 @@ from pipeline.spec import (
     get_json,
     load_plan,
     make_spec,
+    pack_key,
     put_json,
     results_prefix,
     settings_for,
@@ -107,30 +111,50 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
             settings.silence_search_seconds,
             settings.chunk_overlap_seconds,
         )
-        frame_shape = None
-        for chunk in chunks:
-            prefix = chunk_prefix(spec.job_id, chunk.index)
-            frames = media.frame_paths(chunk.media_start, chunk.end)
-            for number, frame in enumerate(frames):
-                storage.put_file(f"{prefix}/frames/{number:06d}.jpg", frame)
-            if frames and frame_shape is None:
-                from PIL import Image
-
-                with Image.open(frames[0]) as image:
-                    frame_shape = [image.height, image.width]
-            has_audio = media.audio_path is not None
-            if has_audio:
-                first = int(chunk.media_start * extract.SAMPLE_RATE)
-                last = int(chunk.end * extract.SAMPLE_RATE)
-                buffer = io.BytesIO()
-                extract.write_wav(buffer, np.asarray(samples[first:last]))
-                storage.put_bytes(f"{prefix}/audio.wav", buffer.getvalue(), "audio/wav")
-            chunk_doc = {**chunk.to_dict(), "fps": settings.fps, "frames": len(frames), "has_audio": has_audio}
-            put_json(storage, f"{prefix}/chunk.json", chunk_doc)
+        frame_shape = store_chunk_packs(storage, spec.job_id, chunks, media, samples, settings.fps)
         timings = {"ingest_s": round(time.monotonic() - started, 3), "ffmpeg_s": round(media.seconds, 3)}
         job_plan = JobPlan(spec, info, chunks, settings.fps, frame_shape, timings)
     put_json(storage, plan_key, job_plan.to_dict())
     return job_plan
+
+
+UPLOAD_THREADS = 8  # parallel PUTs at ingest; also bounds how many packs wait in memory (twice this)
+
+
+def store_chunk_packs(
+    storage: Storage,
+    job_id: str,
+    chunks: list[Chunk],
+    media: extract.ExtractedMedia,
+    samples: np.ndarray,
+    fps: float,
+) -> list[int] | None:
+    """Write one pack per chunk with parallel uploads; return the frames' ``[height, width]`` (None: no video).
+
+    Packs are built in chunk order and at most ``2 * UPLOAD_THREADS`` wait for their upload, so memory stays
+    flat for long files. Ingest runs only while the job has no plan, so the packs are new: no compare-first.
+    """
+    frame_shape = None
+    pending: deque[Future[bool]] = deque()
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="omniq-upload") as uploads:
+        for chunk in chunks:
+            frames = [path.read_bytes() for path in media.frame_paths(chunk.media_start, chunk.end)]
+            if frames and frame_shape is None:
+                with Image.open(io.BytesIO(frames[0])) as image:
+                    frame_shape = [image.height, image.width]
+            audio = None
+            if media.audio_path is not None:
+                first = int(chunk.media_start * extract.SAMPLE_RATE)
+                audio = np.asarray(samples[first : int(chunk.end * extract.SAMPLE_RATE)])
+            meta = {**chunk.to_dict(), "fps": fps, "frames": len(frames), "has_audio": audio is not None}
+            data = pack.pack_chunk(meta, frames, audio)
+            key = pack_key(job_id, chunk.index)
+            pending.append(uploads.submit(storage.put_bytes, key, data, pack.CONTENT_TYPE, if_changed=False))
+            while len(pending) > 2 * UPLOAD_THREADS:
+                pending.popleft().result()
+        for upload in pending:
+            upload.result()  # raises the first upload error (the others finish or fail on their own)
+    return frame_shape
 
 
 @dataclass
@@ -142,17 +166,14 @@ class ChunkMedia:
 
 
 def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: Settings) -> ChunkMedia:
-    """Read one chunk's frames and audio back from storage as arrays for the engine."""
-    from PIL import Image
-
+    """Read one chunk's pack back from storage (one GET) and decode it into arrays for the engine."""
     chunk = job_plan.chunks[index]
-    prefix = chunk_prefix(job_plan.spec.job_id, index)
-    doc = get_json(storage, f"{prefix}/chunk.json")
+    key = pack_key(job_plan.spec.job_id, index)
+    contents = pack.unpack_chunk(storage.get_bytes(key), storage.uri(key))
     frames = None
-    if doc["frames"]:
+    if contents.frames:
         images = []
-        for number in range(doc["frames"]):
-            data = storage.get_bytes(f"{prefix}/frames/{number:06d}.jpg")
+        for data in contents.frames:
             with Image.open(io.BytesIO(data)) as image:
                 images.append(np.asarray(image.convert("RGB")))
         if len(images) == 1:  # the video processor groups frames in pairs; one frame stands for two
@@ -160,16 +181,11 @@ def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: 
         frames = np.stack(images)
     audio = None
     silent = True
-    if doc["has_audio"]:
-        audio = extract.wav_bytes_to_float(storage.get_bytes(f"{prefix}/audio.wav"))
-        if audio.size == 0:
-            audio = None
-        else:
-            quiet = extract.detect_silences(
-                (audio * 32767).astype(np.int16), settings.silence_noise_db, settings.silence_min_seconds
-            )
-            covered = sum(end - start for start, end in quiet)
-            silent = covered >= 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05
+    if contents.audio is not None and contents.audio.size:
+        audio = contents.audio.astype(np.float32) / 32768.0
+        quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
+        covered = sum(end - start for start, end in quiet)
+        silent = covered >= 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05
     return ChunkMedia(chunk, frames, audio, silent)
 
 
@@ -214,7 +230,8 @@ def infer_chunks(
         ]
         _run(engine, summaries, results, todo)
         for index, result in results.items():
-            put_json(storage, f"{chunk_prefix(job_id, index)}/result.json", result.to_dict())
+            # checked absent above: one PUT, no compare-first (3 requests per chunk in all, with the pack's GET)
+            put_json(storage, f"{chunk_prefix(job_id, index)}/result.json", result.to_dict(), if_changed=False)
             done[index] = result
     return [done[index] for index in indices]
 

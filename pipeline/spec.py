@@ -78,6 +78,11 @@ def chunk_prefix(job_id: str, index: int) -> str:
     return f"work/{job_id}/chunks/{index:05d}"
 
 
+def pack_key(job_id: str, index: int) -> str:
+    """The one object that holds a chunk's frames, audio and metadata (``pipeline.media.pack``)."""
+    return f"{chunk_prefix(job_id, index)}/media.pack"
+
+
 def results_prefix(media_id: str) -> str:
     return f"results/{media_id}"
 
@@ -122,8 +127,8 @@ def settings_for(spec: JobSpec, settings: Settings, *, runs_model: bool = False)
     return settings.model_copy(update=wanted)
 
 
-def put_json(storage: Storage, key: str, document: Any) -> None:
-    storage.put_bytes(key, assemble.dumps(document), "application/json")
+def put_json(storage: Storage, key: str, document: Any, *, if_changed: bool = True) -> None:
+    storage.put_bytes(key, assemble.dumps(document), "application/json", if_changed=if_changed)
 
 
 def get_json(storage: Storage, key: str) -> Any:

@@ -304,19 +304,17 @@ def load_viewer_inputs(storage: Storage, media_id: str, manifest: dict[str, Any]
     )
 
 
-def write_viewer(storage: Storage, manifest: dict[str, Any], frame_keys: Mapping[int, str], settings: Settings) -> str:
-    """Store each chunk's thumbnail (made from its frame at ``frame_keys[index]``) and ``index.html``.
+def write_viewer(storage: Storage, manifest: dict[str, Any], frames: Mapping[int, bytes], settings: Settings) -> str:
+    """Store each chunk's thumbnail (made from the JPEG bytes ``frames[index]``) and ``index.html``.
 
     Call it after the result JSONs are written and before the manifest; returns the page's key. The page
     plays the source only when it is a local file that exists here (never a presigned URL, which expires).
     Deterministic, so a redelivered finalize rewrites nothing.
     """
     media_id = str(manifest["media_id"])
-    for index, key in sorted(frame_keys.items()):
+    for index, frame in sorted(frames.items()):
         try:
-            thumbnail = thumbnail_jpeg(storage.get_bytes(key))
-        except SourceNotFound:
-            continue  # audio-only media, or a chunk without frames
+            thumbnail = thumbnail_jpeg(frame)
         except OSError as error:  # Pillow: not a readable image; a page without this thumbnail is still useful
             log.warning("no thumbnail for chunk %d of %s: %s", index, media_id, error)
             continue

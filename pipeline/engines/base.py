@@ -36,7 +36,8 @@ class GenerationResult:
     text: str
     new_tokens: int = 0
     prompt_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the model's time for the whole batch (generate)
+    prepare_seconds: float = 0.0  # the processor's time for the whole batch (encode, copy to the device)
     batch_size: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
 

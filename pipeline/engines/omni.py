@@ -42,6 +42,9 @@ class EncodedBatch:
     inputs: BatchFeature
     use_audio_in_video: bool
     max_new_tokens: int
+    input_ids: torch.Tensor  # host copies of the token ids and mask, for accounting without device syncs
+    attention_mask: torch.Tensor
+    seconds: float  # time spent in the processor and on the copy to the device
 
 
 def batch_key(request: GenerationRequest, default_fps: float) -> tuple[float, bool] | None:
@@ -112,6 +115,13 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
+def fast_paths(settings: Settings) -> dict[str, str]:
+    """``from_pretrained`` arguments for the attention and MoE-experts kernels; ``auto`` keeps transformers'
+    defaults (SDPA attention; grouped GEMM experts for prefill, switched to batched GEMM for decode on GPUs)."""
+    chosen = {"attn_implementation": settings.attention, "experts_implementation": settings.experts}
+    return {name: value for name, value in chosen.items() if value != "auto"}
+
+
 class OmniEngine:
     """Qwen3-Omni's thinker behind the :class:`~pipeline.engines.base.Engine` protocol.
 
@@ -127,6 +137,7 @@ class OmniEngine:
         self.processor: Any = None
         self.device: torch.device | None = None
         self._load_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
         self._stop_ids: set[int] = set()
         # called after every generate call with (rows, new tokens, seconds): metrics hook for the workers
         self.batch_observers: list[Callable[[int, int, float], None]] = []
@@ -155,8 +166,19 @@ class OmniEngine:
                     source,
                     dtype=dtype,
                     device_map=str(device) if device.type == "cuda" else None,
+                    **fast_paths(self.settings),
                 )
-            except (OSError, ValueError) as exc:
+            except ValueError as exc:
+                if any(value in str(exc) for value in fast_paths(self.settings).values()):
+                    raise ConfigError(
+                        f"OMNIQ_ATTENTION={self.settings.attention!r} / OMNIQ_EXPERTS={self.settings.experts!r}: {exc}"
+                    ) from exc
+                raise ModelError(
+                    f"could not load model {self.model_id!r} ({exc}). Download it into the Hugging Face cache, "
+                    "set OMNIQ_MODEL to a local checkpoint directory, or use OMNIQ_MODEL=tiny for the offline "
+                    "test model."
+                ) from exc
+            except OSError as exc:
                 raise ModelError(
                     f"could not load model {self.model_id!r} ({exc}). Download it into the Hugging Face cache, "
                     "set OMNIQ_MODEL to a local checkpoint directory, or use OMNIQ_MODEL=tiny for the offline "
@@ -200,6 +222,7 @@ class OmniEngine:
     def encode(self, requests: Sequence[GenerationRequest]) -> EncodedBatch:
         """Turn one compatible batch into model inputs (raises ``ValueError`` for mixed fps or soundtrack use)."""
         self.load()
+        started = time.perf_counter()
         keys = {key for r in requests if (key := batch_key(r, self.settings.fps)) is not None}
         if len(keys) > 1:
             raise ValueError(f"one batch cannot mix video fps / use_audio_in_video settings: {sorted(keys)}")
@@ -234,23 +257,31 @@ class OmniEngine:
         }
         if audio_in_video:
             kwargs.update(load_audio_from_video=True, audio_from_video_indices=audio_from_video)
-        inputs = self.processor(
-            text=texts,
-            images=None,
-            audio=audio or None,
-            videos=videos or None,
-            return_tensors="pt",
-            **kwargs,
-        )
-        inputs = inputs.to(self.device)
-        floating = {
-            k: v.to(self.model.dtype) for k, v in inputs.items() if k in ("input_features", "pixel_values_videos")
-        }
-        inputs.update(floating)
+        with self._encode_lock:  # the fast tokenizer cannot be used by two threads at once
+            inputs = self.processor(
+                text=texts,
+                images=None,
+                audio=audio or None,
+                videos=videos or None,
+                return_tensors="pt",
+                **kwargs,
+            )
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        floating = {"input_features", "pixel_values_videos"}
+        device = self.device
+        pin = device is not None and device.type == "cuda"
+        for key, value in list(inputs.items()):
+            if hasattr(value, "to"):
+                value = value.to(self.model.dtype) if key in floating else value
+                # pinned host memory lets the copy run beside the model's work on the previous batch
+                inputs[key] = value.pin_memory().to(device, non_blocking=True) if pin else value.to(device)
         return EncodedBatch(
             inputs=inputs,
             use_audio_in_video=audio_in_video,
             max_new_tokens=max(r.max_new_tokens for r in requests),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            seconds=time.perf_counter() - started,
         )
 
     def _prompt(self, request: GenerationRequest) -> str:
@@ -283,12 +314,12 @@ class OmniEngine:
         self.load()
         results: list[GenerationResult | None] = [None] * len(requests)
         for indices in plan_batches(requests, self.settings.batch_size, self.settings.fps):
-            batch_results = self._generate_shrinking([requests[i] for i in indices])
+            batch_results = self.generate_shrinking([requests[i] for i in indices])
             for index, result in zip(indices, batch_results, strict=True):
                 results[index] = result
         return [r for r in results if r is not None]
 
-    def _generate_shrinking(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate_shrinking(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run a batch; on CUDA OOM split it in halves and retry, down to single requests."""
         import torch
 
@@ -304,38 +335,41 @@ class OmniEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = (len(requests) + 1) // 2
-        return self._generate_shrinking(requests[:half]) + self._generate_shrinking(requests[half:])
+        return self.generate_shrinking(requests[:half]) + self.generate_shrinking(requests[half:])
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One ``generate`` call for a compatible batch; each row is cut to its own ``max_new_tokens``."""
+        return self.run_encoded(requests, self.encode(requests))
+
+    def run_encoded(self, requests: Sequence[GenerationRequest], encoded: EncodedBatch) -> list[GenerationResult]:
+        """The model part of :meth:`generate_batch`, for a batch :meth:`encode` prepared (maybe in another
+        thread, while the previous batch generated). Results carry the ``generate`` time as ``seconds``."""
         import torch
 
         started = time.perf_counter()
-        encoded = self.encode(requests)
-        inputs = encoded.inputs
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs,
+                **encoded.inputs,
                 use_audio_in_video=encoded.use_audio_in_video,  # the model needs it too, for M-RoPE positions
                 max_new_tokens=encoded.max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.processor.tokenizer.pad_token_id,
             )
+        prompt_length = encoded.input_ids.shape[1]
+        generated = output[:, prompt_length:].cpu()  # one device-to-host copy for the whole batch
         seconds = time.perf_counter() - started
-        prompt_length = inputs["input_ids"].shape[1]
         tokenizer = self.processor.tokenizer
         results = []
         for row, request in enumerate(requests):
-            prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
-            new_ids, stopped = trim_generated(
-                output[row, prompt_length:].tolist(), request.max_new_tokens, self._stop_ids
-            )
+            prompt_ids = encoded.input_ids[row][encoded.attention_mask[row].bool()]  # host copies: no device sync
+            new_ids, stopped = trim_generated(generated[row].tolist(), request.max_new_tokens, self._stop_ids)
             results.append(
                 GenerationResult(
                     text=tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
                     new_tokens=len(new_ids),
                     prompt_tokens=int(prompt_ids.numel()),
                     seconds=seconds,
+                    prepare_seconds=encoded.seconds,
                     batch_size=len(requests),
                     meta={
                         "finish_reason": "stop" if stopped else "length",
@@ -347,10 +381,11 @@ class OmniEngine:
         for observer in self.batch_observers:
             observer(len(requests), sum(r.new_tokens for r in results), seconds)
         logger.info(
-            "generated %d rows (%s) in %.2fs: %d prompt + %d new tokens",
+            "generated %d rows (%s) in %.2fs (prepared in %.2fs): %d prompt + %d new tokens",
             len(requests),
             ",".join(r.kind for r in requests),
             seconds,
+            encoded.seconds,
             sum(r.prompt_tokens for r in results),
             sum(r.new_tokens for r in results),
         )

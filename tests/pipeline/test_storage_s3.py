@@ -66,3 +66,65 @@ def test_s3_uris_carry_keys_verbatim(s3_server, s3_bucket, s3_settings, tmp_path
     ref = resolve_source(f"s3://{s3_bucket}/{key}", s3_settings)
     assert ref.uri == f"s3://{s3_bucket}/{key}" and ref.name == "50% off #1?.mp3"
     assert fetch_source(ref.uri, tmp_path, s3_settings).read_bytes() == b"abc"
+
+
+def test_ranged_reads(s3_bucket, s3_settings):
+    storage = open_storage(f"s3://{s3_bucket}/r", s3_settings)
+    storage.put_bytes("a.bin", bytes(range(100)))
+    assert storage.get_range("a.bin", 10, 5) == bytes(range(10, 15))
+    assert storage.get_range("a.bin", 95, 50) == bytes(range(95, 100))  # shorter at the end
+    assert storage.get_range("a.bin", 200, 5) == b""
+    with pytest.raises(SourceNotFound):
+        storage.get_range("missing.bin", 0, 5)
+
+
+class RequestLog:
+    """Every HTTP request a boto3 client sends (method and path), recorded through botocore's events."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.requests: list[tuple[str, str]] = []
+
+    def _record(self, request, **_) -> None:
+        self.requests.append((request.method, request.url.split("?")[0]))
+
+    def __enter__(self) -> RequestLog:
+        self.requests.clear()
+        self.client.meta.events.register("before-send.s3", self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.meta.events.unregister("before-send.s3", self._record)
+
+    def under(self, part: str) -> list[tuple[str, str]]:
+        return [r for r in self.requests if part in r[1]]
+
+
+def test_requests_per_chunk_at_ingest_inference_and_finalize(s3_bucket, s3_settings, tiny_cache_dir, tmp_path):
+    from pipeline.engines.omni import OmniEngine
+    from pipeline.job import finalize, infer_chunks, ingest, make_spec, summarize
+    from pipeline.media.sample import make_sample
+
+    settings = s3_settings.model_copy(
+        update={"model": "tiny", "cache_dir": tiny_cache_dir, "chunk_seconds": 10.0, "fps": 2.0,
+                "frame_max_pixels": 96 * 96, "transcript_max_new_tokens": 4, "caption_max_new_tokens": 4,
+                "summary_max_new_tokens": 4, "device": "cpu"}
+    )  # fmt: skip
+    storage = open_storage(f"s3://{s3_bucket}/lib", settings)
+    spec = make_spec(str(make_sample(tmp_path / "a.mp4", 33.0)), settings)
+    log = RequestLog(storage.client)
+    with log:
+        plan = ingest(spec, settings, storage)
+    chunks = len(plan.chunks)
+    assert chunks == 4 and plan.frame_shape
+    assert log.under("/chunks/") == [("PUT", log.under("/chunks/")[i][1]) for i in range(chunks)]  # 1 PUT each
+    assert len(log.requests) <= chunks + 3  # plus the plan's HEAD, its HEAD-then-PUT
+    with log:
+        infer_chunks(plan, [c.index for c in plan.chunks], OmniEngine(settings), storage, settings)
+    methods = sorted(method for method, _ in log.under("/chunks/"))
+    assert methods == sorted(["HEAD", "GET", "PUT"] * chunks)  # result absent?, the pack, the result
+    summarize(plan, OmniEngine(settings), storage, settings)
+    with log:
+        finalize(plan, storage, settings, {})
+    packs = log.under("media.pack")
+    assert len(packs) == chunks and {m for m, _ in packs} == {"GET"}  # one ranged GET per thumbnail

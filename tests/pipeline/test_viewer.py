@@ -197,8 +197,7 @@ def test_write_viewer_stores_thumbnails_and_page(tmp_path: Path) -> None:
     prefix = "results/0123456789abcdef0123"
     for name in ("transcript", "captions", "summary"):
         put_json(storage, f"{prefix}/{name}.json", docs[name])
-    storage.put_bytes("work/job/chunks/00000/frames/000000.jpg", jpeg())
-    frames = {i: f"work/job/chunks/{i:05d}/frames/000000.jpg" for i in range(3)}  # chunks 1, 2 have none
+    frames = {0: jpeg(), 2: b"not a jpeg"}  # chunk 1 has none; chunk 2's frame is unreadable: no thumbnail
     key = write_viewer(storage, docs["manifest"], frames, Settings())
     assert key == f"{prefix}/index.html"
     html = storage.get_bytes(key).decode()

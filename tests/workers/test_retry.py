@@ -145,10 +145,10 @@ class FlakyStorage(LocalStorage):
 
     down = True
 
-    def put_bytes(self, key, data, content_type=None):
+    def put_bytes(self, key, data, content_type=None, **options):
         if self.down:
             raise TransientError(f"{self.uri(key)}: cannot reach storage (connection refused)")
-        return super().put_bytes(key, data, content_type)
+        return super().put_bytes(key, data, content_type, **options)
 
 
 def test_failure_manifest_waits_for_the_store_and_the_handler_never_raises(wired, monkeypatch, tmp_path):

@@ -82,10 +82,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     ]})  # fmt: skip
     summaries = [s | {"summary": f"Part {s['index'] + 1} of the test pattern."} for s in spans]
     put_json(storage, f"{prefix}/summary.json", {"summary": "A test pattern with tone bursts.", "chunks": summaries})
-    for index in range(3):
-        storage.put_file(f"work/job/chunks/{index:05d}/frames/000000.jpg", frames / f"{index + 1}.jpg")
-    frame_keys = {i: f"work/job/chunks/{i:05d}/frames/000000.jpg" for i in range(3)}
-    write_viewer(storage, manifest, frame_keys, Settings())
+    first_frames = {index: (frames / f"{index + 1}.jpg").read_bytes() for index in range(3)}
+    write_viewer(storage, manifest, first_frames, Settings())
     put_json(storage, f"{prefix}/manifest.json", manifest)
     return Store(storage.root, ref.media_id, video)
 
