@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test install install-dev browser lint clean
+.PHONY: demo test install install-dev browser lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ test: install-dev browser
 
 lint: install-dev
 	$(VENV)/bin/ruff check pipeline workers tests bench deploy
+
+# Wheels for bench/gpu_run.sh on a GPU machine that cannot download (the image brings torch; these bring
+# what it lacks for the GPU tests and bench/gpu_throughput.py, which decode no media). Under the 64 MiB carry limit.
+GPU_WHEELS ?= transformers==5.24.0 tokenizers huggingface-hub safetensors pydantic-settings python-dotenv \
+	ffmpeg-python future celery kombu billiard vine amqp click-didyoumean click-repl \
+	click-plugins redis boto3 botocore s3transfer jmespath prometheus-client fakeredis pytest-timeout
+gpu-wheels:
+	rm -rf .gpu-wheels && $(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d .gpu-wheels $(GPU_WHEELS)
+	du -sh .gpu-wheels
 
 clean:
 	rm -rf $(DEMO_DIR) omniq-data .pytest_cache

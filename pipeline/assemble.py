@@ -25,7 +25,8 @@ class ChunkResult:
     audio: str = ""
     summary: str = ""
     new_tokens: int = 0
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # this chunk's share of its batches' generate time
+    prepare_seconds: float = 0.0  # fetching and decoding it, plus its share of the processor's time
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def finalize(
         storage.put_bytes(f"{prefix}/{name}", data, CONTENT_TYPES[Path(name).suffix])
     all_timings = {**job_plan.timings, **(timings or {})}
     all_timings["model_s"] = round(sum(c.model_seconds for c in chunks) + float(summary.get("seconds", 0)), 3)
+    all_timings["prepare_s"] = round(sum(c.prepare_seconds for c in chunks), 3)
     all_timings["finalize_s"] = round(time.monotonic() - started, 3)
     manifest = _base_manifest(spec, settings) | {
         "status": "done",

@@ -10,9 +10,12 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from pipeline import prompts
-from pipeline.assemble import ChunkResult
 from pipeline.config import Settings, config_hash_of
-from pipeline.engines.base import Engine, GenerationRequest
+from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError
 from pipeline.finalize import (
     CONTENT_TYPES,
@@ -33,6 +34,7 @@ from pipeline.finalize import (
     finished_manifest,
     write_failure,
 )
+from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
 from pipeline.media import extract, pack, plan
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import check_limits, probe_media
@@ -40,7 +42,6 @@ from pipeline.sources import fetch_source
 from pipeline.spec import (
     JobPlan,
     JobSpec,
-    chunk_prefix,
     get_json,
     load_plan,
     make_spec,
@@ -57,6 +58,7 @@ __all__ = [
     "CONTENT_TYPES",
     "RANDOM_NOTICE",
     "RESULT_FILES",
+    "ChunkBudget",
     "JobOutcome",
     "JobPlan",
     "JobSpec",
@@ -69,6 +71,7 @@ __all__ = [
     "make_spec",
     "results_prefix",
     "run_job",
+    "run_jobs",
     "settings_for",
     "summarize",
     "update_index",
@@ -158,130 +161,6 @@ def store_chunk_packs(
 
 
 @dataclass
-class ChunkMedia:
-    chunk: Chunk
-    frames: np.ndarray | None  # uint8 (T, H, W, 3)
-    audio: np.ndarray | None  # float32 at 16 kHz
-    silent: bool
-
-
-def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: Settings) -> ChunkMedia:
-    """Read one chunk's pack back from storage (one GET) and decode it into arrays for the engine."""
-    chunk = job_plan.chunks[index]
-    key = pack_key(job_plan.spec.job_id, index)
-    contents = pack.unpack_chunk(storage.get_bytes(key), storage.uri(key))
-    frames = None
-    if contents.frames:
-        images = []
-        for data in contents.frames:
-            with Image.open(io.BytesIO(data)) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        if len(images) == 1:  # the video processor groups frames in pairs; one frame stands for two
-            images.append(images[0])
-        frames = np.stack(images)
-    audio = None
-    silent = True
-    if contents.audio is not None and contents.audio.size:
-        audio = contents.audio.astype(np.float32) / 32768.0
-        quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
-        covered = sum(end - start for start, end in quiet)
-        silent = covered >= 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05
-    return ChunkMedia(chunk, frames, audio, silent)
-
-
-def infer_chunks(
-    job_plan: JobPlan, indices: list[int], engine: Engine, storage: Storage, settings: Settings
-) -> list[ChunkResult]:
-    """Transcribe, caption and summarise the given chunks in batched ``generate`` calls.
-
-    A chunk whose result is already stored is not run again (redelivered tasks cost nothing).
-    """
-    job_id = job_plan.spec.job_id
-    done: dict[int, ChunkResult] = {}
-    todo: list[ChunkMedia] = []
-    for index in indices:
-        key = f"{chunk_prefix(job_id, index)}/result.json"
-        if storage.exists(key):
-            done[index] = ChunkResult.from_dict(get_json(storage, key))
-        else:
-            todo.append(load_chunk_media(storage, job_plan, index, settings))
-    if todo:
-        results = {m.chunk.index: ChunkResult(m.chunk.index, m.chunk.start, m.chunk.end) for m in todo}
-        requests: list[tuple[int, str, GenerationRequest]] = []
-        for media in todo:
-            if media.audio is not None and not media.silent:
-                request = prompts.transcript_request(media.audio, settings.language, settings.transcript_max_new_tokens)
-                requests.append((media.chunk.index, prompts.TRANSCRIPT, request))
-            if media.frames is not None or media.audio is not None:
-                request = prompts.caption_request(
-                    media.frames, job_plan.fps, media.audio, settings.caption_max_new_tokens
-                )
-                requests.append((media.chunk.index, prompts.CAPTION, request))
-        _run(engine, requests, results, todo)
-        summaries = [
-            (
-                index,
-                prompts.CHUNK_SUMMARY,
-                prompts.chunk_summary_request(
-                    r.start, r.end, r.transcript, r.visual, r.audio, settings.summary_max_new_tokens
-                ),
-            )
-            for index, r in results.items()
-        ]
-        _run(engine, summaries, results, todo)
-        for index, result in results.items():
-            # checked absent above: one PUT, no compare-first (3 requests per chunk in all, with the pack's GET)
-            put_json(storage, f"{chunk_prefix(job_id, index)}/result.json", result.to_dict(), if_changed=False)
-            done[index] = result
-    return [done[index] for index in indices]
-
-
-def _run(
-    engine: Engine,
-    requests: list[tuple[int, str, GenerationRequest]],
-    results: dict[int, ChunkResult],
-    media: list[ChunkMedia],
-) -> None:
-    if not requests:
-        return
-    answers = engine.generate([request for _, _, request in requests])
-    streams = {m.chunk.index: (m.frames is not None, m.audio is not None) for m in media}
-    for (index, kind, _), answer in zip(requests, answers, strict=True):
-        result = results[index]
-        result.new_tokens += answer.new_tokens
-        result.model_seconds += answer.seconds / max(answer.batch_size, 1)
-        if kind == prompts.TRANSCRIPT:
-            result.transcript = answer.text.strip()
-        elif kind == prompts.CAPTION:
-            result.visual, result.audio = prompts.parse_caption(answer.text, *streams[index])
-        else:
-            result.summary = answer.text.strip()
-
-
-def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings) -> dict[str, Any]:
-    """The file summary from the chunk summaries; stored at ``work/<job>/summary.json``."""
-    key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
-    if storage.exists(key):
-        return get_json(storage, key)
-    chunks = [
-        ChunkResult.from_dict(get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
-        for c in job_plan.chunks
-    ]
-    request = prompts.file_summary_request(
-        [(c.start, c.end, c.summary) for c in chunks], settings.summary_max_new_tokens
-    )
-    answer = engine.generate([request])[0]
-    document = {
-        "summary": answer.text.strip(),
-        "model": engine.model_id,
-        "random_weights": bool(engine.random_weights),
-        "seconds": round(answer.seconds, 3),
-    }
-    put_json(storage, key, document)
-    return document
-
-
-@dataclass
 class JobOutcome:
     """One line of ``omniq run`` output."""
 
@@ -316,9 +195,19 @@ def update_index(index: SearchIndex | None, storage: Storage, media_id: str) -> 
 
 
 def run_job(
-    source: str, settings: Settings, storage: Storage, engine: Engine, index: SearchIndex | None = None
+    source: str,
+    settings: Settings,
+    storage: Storage,
+    engine: Engine,
+    index: SearchIndex | None = None,
+    *,
+    budget: ChunkBudget | None = None,
+    ingest_lock: threading.Lock | None = None,
 ) -> JobOutcome:
-    """Run every step in this process. Permanent errors become a failed manifest, not an exception."""
+    """Run every step in this process. Permanent errors become a failed manifest, not an exception.
+
+    ``ingest_lock`` lets one file decode at a time while others run the model (see :func:`run_jobs`).
+    """
     try:
         spec = make_spec(source, settings)
     except OmniqError as error:
@@ -326,9 +215,10 @@ def run_job(
     timings: dict[str, float] = {}
     started = time.monotonic()
     try:
-        job_plan = ingest(spec, settings, storage)
+        with ingest_lock or nullcontext():
+            job_plan = ingest(spec, settings, storage)
         infer_started = time.monotonic()
-        infer_chunks(job_plan, [c.index for c in job_plan.chunks], engine, storage, settings)
+        infer_file(job_plan, engine, storage, settings, budget)
         timings["infer_s"] = round(time.monotonic() - infer_started, 3)
         summarize_started = time.monotonic()
         summarize(job_plan, engine, storage, settings)
@@ -343,3 +233,42 @@ def run_job(
     update_index(index, storage, spec.media_id)
     result_uri = storage.uri(results_prefix(spec.media_id))
     return JobOutcome(spec.source, spec.media_id, "done", result_uri, None, manifest)
+
+
+def run_jobs(
+    sources: Iterable[str],
+    settings: Settings,
+    storage: Storage,
+    engine: Engine,
+    index: SearchIndex | None = None,
+) -> Iterator[JobOutcome]:
+    """Run many files in this process and yield their outcomes in order.
+
+    Up to ``2 x batch_size`` files are under way at once: one decodes (ffmpeg uses every core) while the others
+    run the model, and their rows share ``generate`` calls through one :class:`PipelinedEngine`. At most
+    ``2 x batch_size`` chunks are held decoded at a time, however many files there are.
+    """
+    from pipeline.engines.omni import OmniEngine
+    from pipeline.engines.pipelined import PipelinedEngine
+
+    own = isinstance(engine, OmniEngine)  # a pipeline made here is closed here
+    pipelined = PipelinedEngine(engine, settings) if own else engine
+    budget = ChunkBudget(2 * settings.batch_size)
+    ingest_lock = threading.Lock()
+    at_once = 2 * settings.batch_size
+    try:
+        with ThreadPoolExecutor(at_once, thread_name_prefix="omniq-file") as files:
+            pending: deque[Future[JobOutcome]] = deque()
+            for source in sources:
+                pending.append(
+                    files.submit(
+                        run_job, source, settings, storage, pipelined, index, budget=budget, ingest_lock=ingest_lock
+                    )
+                )
+                while len(pending) > at_once and pending[0].done():
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        if own and isinstance(pipelined, PipelinedEngine):
+            pipelined.close()

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,13 +90,13 @@ class SQLiteIndex:
                 f"no search index at {path}: run 'omniq index rebuild' to build it from the stored results, "
                 "or set OMNIQ_INDEX_URL to where it is"
             )
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
+        self._local = threading.local()  # one connection per thread (sqlite3's rule), opened again after a fork
         self._connection()  # fail early on a bad path or an incompatible file
 
     def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            return conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
@@ -116,7 +117,7 @@ class SQLiteIndex:
         except BaseException:
             conn.close()
             raise
-        self._conn, self._pid = conn, os.getpid()
+        self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
     def _replace(self, media_id: str, entries: list[IndexEntry]) -> int:
@@ -184,10 +185,11 @@ class SQLiteIndex:
             raise _translate(error, self.path) from error
 
     def close(self) -> None:
-        """Close this process's connection; the index opens it again when used."""
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
+        """Close this thread's connection; the index opens it again when used."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local.conn = None
 
     def __enter__(self) -> SQLiteIndex:
         return self

@@ -28,6 +28,9 @@ def use_broker(url: str) -> str:
         app._pool.force_close_all()
         app._pool = None
     app.amqp._producer_pool = None
+    from kombu import pools
+
+    pools.reset()  # kombu keeps its own registry of pools by broker URL: a closed one would be handed out again
     return previous
 
 

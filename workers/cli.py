@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engines.omni import OmniEngine
-    from pipeline.job import run_job
+    from pipeline.job import run_jobs
     from pipeline.search import open_index
     from pipeline.storage import open_storage
 
@@ -39,8 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = OmniEngine(settings)
     index = open_index(settings.index_url, settings)
     outcomes = []
-    for source in args.sources:
-        outcome = run_job(source, settings, storage, engine, index)
+    for outcome in run_jobs(args.sources, settings, storage, engine, index):
         outcomes.append(outcome)
         if not args.json:
             print(_outcome_line(outcome), flush=True)
@@ -65,6 +65,23 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
             f"        view: {manifest.get('outputs', {}).get('index.html', outcome.result_uri + '/index.html')}"
         )
     return f"{outcome.status:<7} {outcome.source}: {outcome.error}"
+
+
+def _start_again(code: int) -> None:
+    """The worker stopped although nobody asked it to (Celery gives up on some broker errors, e.g. kombu failing
+    to requeue messages while Redis restarts): replace this process with a fresh one, after a pause that grows
+    with each restart. Its leases expire and the watchdog sends their units again, as for any dead worker."""
+    restarts = int(os.environ.get("OMNIQ_WORKER_RESTARTS", "0")) + 1
+    delay = min(30.0, 2.0**restarts)
+    print(
+        f"omniq worker: the worker stopped unexpectedly (exit status {code}); starting it again in {delay:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    logging.shutdown()
+    time.sleep(delay)
+    os.environ["OMNIQ_WORKER_RESTARTS"] = str(restarts)
+    os.execv(sys.executable, [sys.executable, "-m", "workers.cli", *sys.argv[1:]])  # noqa: S606 - no shell
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -97,7 +114,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # answering 'celery inspect' during a long batch (Flower shows the worker online), and nothing forks
         # after CUDA is initialised.
         app.conf.worker_pool = "workers.pool:HandBackThreadPool"  # Celery's CLI takes only its own pool names
-        argv += ["--concurrency", "1"]
+        # several messages at once, each in its own thread: their rows share batches (the model itself runs in
+        # one thread of the pipelined engine); each message is acknowledged after its results are stored
+        from workers.tasks import gpu_slots
+
+        argv += ["--concurrency", str(gpu_slots(settings))]
     else:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
     code = 0
@@ -105,6 +126,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         app.worker_main(argv)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception:  # Celery gave up (e.g. kombu failing while Redis restarts): start again below
+        logging.getLogger(__name__).exception("the worker stopped with an error")
+        code = 1
+    from workers.lifecycle import shutdown_requested
+
+    if code != 0 and not shutdown_requested():
+        _start_again(code)
     if args.queue == GPU_QUEUE:
         # a model call still running in the pool thread was handed back: do not wait for it
         logging.shutdown()

@@ -24,30 +24,55 @@ from workers.state import ACTIVE_SET, PREFIX, JobState
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, units, active set; ARGV: holder, ttl ms, unit, now, job id.
+# Counting a worker death against a unit. A unit that ran beside others in one process (a GPU worker's slots:
+# ``<unit>:shared`` is 1) may have died for another's fault, so its death is counted apart (``shared_deaths``)
+# and does not make it poison; the worker runs it alone next time, where a death is its own (``deaths``).
+_COUNT_DEATH = """
+local function count_death(units, unit)
+  if redis.call('HGET', units, unit .. ':shared') == '1' then
+    redis.call('HINCRBY', units, unit .. ':shared_deaths', 1)
+  else
+    redis.call('HINCRBY', units, unit .. ':deaths', 1)
+  end
+end
+local function deaths_of(units, unit)
+  return {tonumber(redis.call('HGET', units, unit .. ':deaths') or '0'),
+          tonumber(redis.call('HGET', units, unit .. ':shared_deaths') or '0')}
+end
+"""
+# KEYS: lease, units, active set; ARGV: holder, ttl ms, unit, now, job id, shared (1/0).
 # A unit still marked 'started' with no lease left was not finished, retried or handed back: its worker died
 # and nobody noticed yet (the lease expired before the watchdog swept). That death is counted here.
-_ACQUIRE = """
+_ACQUIRE = (
+    _COUNT_DEATH
+    + """
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return {0, current, 0} end
+if current and current ~= ARGV[1] then return {0, current, 0, 0, 0} end
 redis.call('SADD', KEYS[3], ARGV[5])
-local deaths = 0
+local counted = 0
 if redis.call('HEXISTS', KEYS[2], ARGV[3] .. ':started') == 1 then
-  deaths = redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':deaths', 1)
+  count_death(KEYS[2], ARGV[3])
+  counted = 1
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[3] .. ':started', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[3] .. ':started', ARGV[4], ARGV[3] .. ':shared', ARGV[6])
 redis.call('HINCRBY', KEYS[2], ARGV[3] .. ':starts', 1)
-return {1, '', deaths}
+local deaths = deaths_of(KEYS[2], ARGV[3])
+return {1, '', deaths[1], deaths[2], counted}
 """
-# KEYS: lease, units; ARGV: dead holder, new holder, ttl ms, unit, now — take over from a holder known dead
-_STEAL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+)
+# KEYS: lease, units; ARGV: dead holder, new holder, ttl ms, unit, now, shared — take over from a holder known dead
+_STEAL = (
+    _COUNT_DEATH
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, 0} end
+count_death(KEYS[2], ARGV[4])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[4] .. ':started', ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[4] .. ':started', ARGV[5], ARGV[4] .. ':shared', ARGV[6])
 redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':starts', 1)
-return redis.call('HINCRBY', KEYS[2], ARGV[4] .. ':deaths', 1)
+return deaths_of(KEYS[2], ARGV[4])
 """
+)
 # KEYS: lease, units; ARGV: holder, ttl ms, unit, now. 1 renewed, 2 re-taken after it expired (e.g. over a
 # Redis outage; the unit is marked started again, since this worker is running it), 0 taken over by another
 _RENEW = """
@@ -62,14 +87,20 @@ return 0
 """
 # KEYS: lease, units; ARGV: unit, started value seen by the caller, the dead holder ('' if the lease expired).
 # The watchdog's verdict on a started unit without a live lease: count the death once, clear 'started'.
-_ABANDON = """
+_ABANDON = (
+    _COUNT_DEATH
+    + """
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[3] then return -1 end
 if redis.call('HGET', KEYS[2], ARGV[1] .. ':started') ~= ARGV[2] then return -1 end
 if current then redis.call('DEL', KEYS[1]) end
 redis.call('HDEL', KEYS[2], ARGV[1] .. ':started')
-return redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':deaths', 1)
+count_death(KEYS[2], ARGV[1])
+return deaths_of(KEYS[2], ARGV[1])[1]
 """
+)
+# KEYS: units; ARGV: unit — the unit now runs alone in its worker: a death from here on is its own
+_SOLO = "redis.call('HSET', KEYS[1], ARGV[1] .. ':shared', '0')"
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -136,12 +167,19 @@ def holder_name(holder: str) -> str:
 
 @dataclass
 class Acquired:
-    """The outcome of :meth:`Leases.acquire`: ``held`` or not, and the worker deaths counted on a takeover."""
+    """The outcome of :meth:`Leases.acquire`: ``held`` or not, and the unit's worker deaths so far."""
 
     held: bool
     holder: str = ""
-    deaths: int = 0  # > 0 when a dead holder's lease was taken over (its worker died mid-unit)
+    deaths: int = 0  # deaths of workers that ran this unit alone: each one its own fault (poison at the limit)
+    shared_deaths: int = 0  # deaths of workers that ran it beside other units (maybe another's fault)
+    died_now: bool = False  # this acquire found the previous run dead (and counted it)
     other: str = ""  # who holds it, when not held
+
+    @property
+    def suspect(self) -> bool:
+        """It was in a worker that died: a worker with several slots runs it alone."""
+        return bool(self.deaths or self.shared_deaths)
 
 
 class Leases:
@@ -156,6 +194,7 @@ class Leases:
         self._steal = client.register_script(_STEAL)
         self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
+        self._solo = client.register_script(_SOLO)
         self._release = client.register_script(_RELEASE)
         self._hand_back = client.register_script(_HAND_BACK)
         self._held: dict[str, str] = {}  # lease key -> holder
@@ -165,23 +204,31 @@ class Leases:
         self._pid = os.getpid()
         self._stopped = threading.Event()
 
-    def acquire(self, job_id: str, unit: str) -> Acquired:
-        """Take a unit's lease. A holder that is a dead process on this host is taken over (a death)."""
+    def acquire(self, job_id: str, unit: str, shared: bool = False) -> Acquired:
+        """Take a unit's lease. A holder that is a dead process on this host is taken over (a death).
+
+        ``shared``: the unit runs beside other units in this process (a GPU worker's slots), so a death of this
+        process is not necessarily its fault (see ``_COUNT_DEATH``)."""
         key = lease_key(job_id, unit)
         holder = f"{process_identity()}|{uuid.uuid4().hex[:8]}"
         units = JobState.key(job_id, "units")
         now = time.time()
-        keys, args = [key, units, ACTIVE_SET], [holder, self.ttl_ms, unit, now, job_id]
-        ok, current, deaths = self._acquire(keys=keys, args=args)
-        deaths = int(deaths)
+        flag = "1" if shared else "0"
+        keys, args = [key, units, ACTIVE_SET], [holder, self.ttl_ms, unit, now, job_id, flag]
+        ok, current, deaths, shared_deaths, counted = self._acquire(keys=keys, args=args)
         if not int(ok):
             if not holder_is_dead(current):
                 return Acquired(False, other=current)
-            deaths = int(self._steal(keys=[key, units], args=[current, holder, self.ttl_ms, unit, now]))
-            if deaths < 0:  # someone else took it in between
+            deaths, shared_deaths = self._steal(keys=[key, units], args=[current, holder, self.ttl_ms, unit, now, flag])
+            if int(deaths) < 0:  # someone else took it in between
                 return Acquired(False, other=str(self.state.redis.get(key) or ""))
+            counted = 1
         self._hold(key, holder, job_id, unit)
-        return Acquired(True, holder, deaths)
+        return Acquired(True, holder, int(deaths), int(shared_deaths), bool(int(counted)))
+
+    def run_alone(self, job_id: str, unit: str) -> None:
+        """Record that a held unit now runs alone in its worker: a death from here on counts as its own."""
+        self._solo(keys=[JobState.key(job_id, "units")], args=[unit])
 
     def _hold(self, key: str, holder: str, job_id: str, unit: str) -> None:
         with self._lock:
@@ -203,6 +250,17 @@ class Leases:
             self._release(keys=[key], args=[holder])
         except redis.exceptions.RedisError as error:
             log.warning("could not release lease %s (it expires by itself): %s", key, error)
+
+    def hand_back(self, job_id: str, unit: str, holder: str) -> None:
+        """Give a unit back unstarted (its message turned out to have nothing to do here); never raises."""
+        key = lease_key(job_id, unit)
+        with self._lock:
+            self._held.pop(key, None)
+            self._units.pop(key, None)
+        try:
+            self._hand_back(keys=[key, JobState.key(job_id, "units")], args=[holder, unit])
+        except redis.exceptions.RedisError as error:
+            log.warning("could not hand back lease %s (it expires by itself): %s", key, error)
 
     def release_all(self) -> None:
         """Hand back every unit this process holds (on shutdown): the leases go, and the units count as not
@@ -248,7 +306,8 @@ class Leases:
 
     def abandon(self, job_id: str, unit: str, started: str, dead_holder: str = "") -> int:
         """Declare a started unit lost (its lease expired, or is held by ``dead_holder``, a process on this
-        host that no longer runs); returns its deaths, or -1 if it is not lost after all."""
+        host that no longer runs); returns its own deaths (see ``_COUNT_DEATH``), or -1 if it is not lost after
+        all."""
         keys = [lease_key(job_id, unit), JobState.key(job_id, "units")]
         return int(self._abandon(keys=keys, args=[unit, started, dead_holder]))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from celery import signals
 
 from workers import tasks, watchdog
+from workers.app import GPU_TASKS
 
 
 @signals.worker_ready.connect
@@ -18,12 +20,30 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     watchdog.start(name, queues, tasks.settings())
 
 
+@signals.task_received.connect
+def _lease_on_receipt(request: Any = None, **_: Any) -> None:
+    """A GPU worker's messages take their units' leases on arrival (see ``tasks.lease_on_receipt``); a
+    delayed retry (an ETA) is not started yet and takes its lease when it runs."""
+    if request is None or request.name not in GPU_TASKS or getattr(request, "eta", None):
+        return
+    tasks.lease_on_receipt(request.id, request.name, request.kwargs or {})
+
+
+_shutdown_requested = threading.Event()
+
+
+def shutdown_requested() -> bool:
+    """Whether this worker was asked to stop (a signal); any other exit of the worker is unexpected."""
+    return _shutdown_requested.is_set()
+
+
 @signals.worker_shutting_down.connect
 def _hand_back_leases(how: str = "", **_: Any) -> None:
     """Cold shutdown (SIGTERM via ``omniq worker``): the running tasks were cancelled after the soft-shutdown
     wait and their messages go back to the queue as the connection closes; give their units back too, so
     another worker starts them at once instead of waiting for the leases to expire. (A warm shutdown lets
     the tasks finish, so it keeps the leases.)"""
+    _shutdown_requested.set()
     if how == "Cold":
         tasks.leases().release_all()
 

@@ -3,7 +3,8 @@
 A job's units of work (``ingest``, ``infer-<first chunk>``, ``summarize``, ``finalize``) each record when
 they were sent, started and finished. :func:`decide` finds the ones that a dead worker or a dead producer
 left behind and says what to do: re-publish them, or fail the job when the same unit has killed its worker
-``max_deaths`` times. Work that is merely waiting in a queue is never touched, however old.
+``max_deaths`` times while it ran alone there (a death beside other units may be another unit's fault; the
+GPU worker runs such a unit alone next time). Work that is merely waiting in a queue is never touched.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ class UnitView:
     sent: float | None = None
     started: str | None = None  # the raw value, so an abandon can check it has not changed meanwhile
     done: bool = False
-    deaths: int = 0
+    deaths: int = 0  # deaths while it ran alone in its worker (its own fault)
     chunks: list[int] | None = None
     retry_at: float | None = None
     holder: str | None = None  # the live lease's holder; None when nobody holds it
+    shared: bool = False  # it runs (or ran last) beside other units in one worker: a death may be another's
 
 
 @dataclass
@@ -70,6 +72,8 @@ def parse_units(fields: dict[str, str], holders: dict[str, str | None] | None = 
             unit.done = True
         elif part == "deaths":
             unit.deaths = int(value)
+        elif part == "shared":
+            unit.shared = value == "1"
         elif part == "chunks":
             unit.chunks = [int(c) for c in value.split(",") if c]
         elif part == "retry_at":
@@ -107,9 +111,9 @@ def decide(
         if unit.done or unit.holder:
             continue
         if unit.started:  # a worker took it and its lease is gone: the worker died (or was cut off)
-            deaths = unit.deaths + 1
+            deaths = unit.deaths + (0 if unit.shared else 1)
             reason = None
-            if deaths >= max_deaths:
+            if deaths >= max_deaths and not unit.shared:
                 reason = f"worker died {deaths} times while {describe(unit.name, unit.chunks)}"
             actions.append(
                 Action("abandon", unit.name, _missing(unit, job), unit.started, reason, "its worker stopped renewing")

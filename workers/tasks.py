@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from functools import cache
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from functools import cache, wraps
+from typing import Any, TypeVar
 
 import redis
 from celery import Task
@@ -27,7 +30,8 @@ from pipeline.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
 from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
-from workers.leases import Leases, holder_name
+from workers.leases import Acquired, Leases, holder_name
+from workers.pool import SoloGate
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
 from workers.state import FINISHED, PENDING_FAILURES, JobState
 
@@ -44,6 +48,22 @@ def broker_priority(priority: int) -> int:
 
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def once(factory: Callable[[], T]) -> Callable[[], T]:
+    """``functools.cache`` for a no-argument factory, safe when the GPU worker's threads first call it at the
+    same moment (two engines would load the model twice, and transformers' lazy imports race)."""
+    cached = cache(factory)
+    lock = threading.Lock()
+
+    @wraps(factory)
+    def get() -> T:
+        with lock:
+            return cached()
+
+    return get
+
 
 # The job statuses in which each task may run; a message that finds its job in another is a late duplicate.
 RUNS_IN = {
@@ -57,27 +77,27 @@ RUNS_IN = {
 TRANSIENT = (TransientError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 
-@cache
+@once
 def settings() -> Settings:
     return Settings()
 
 
-@cache
+@once
 def storage() -> Storage:
     return open_storage(settings().storage_url, settings())
 
 
-@cache
+@once
 def state() -> JobState:
     return JobState.from_url(settings().broker_url, retry_seconds=settings().redis_retry_seconds)
 
 
-@cache
+@once
 def leases() -> Leases:
     return Leases(state(), settings().lease_seconds, settings().lease_renew_seconds)
 
 
-@cache
+@once
 def search_index():  # type: ignore[no-untyped-def]
     """The search index finished jobs are added to (opened lazily in the worker process, after the fork)."""
     from pipeline.search import open_index
@@ -85,14 +105,30 @@ def search_index():  # type: ignore[no-untyped-def]
     return open_index(settings().index_url, settings())
 
 
-@cache
+@once
 def engine() -> Engine:
-    """One model per worker process, loaded on first use (not in worker_process_init)."""
+    """One model per worker process, loaded on first use (not in worker_process_init).
+
+    Pipelined: the GPU worker runs several messages at once (``gpu_slots``) and their rows share batches, while
+    the next batch is prepared beside the running one (``pipeline.engines.pipelined``).
+    """
     from pipeline.engines.omni import OmniEngine
+    from pipeline.engines.pipelined import PipelinedEngine
 
     model = OmniEngine(settings())
     model.batch_observers.append(_observe_batch)
-    return model
+    return PipelinedEngine(model, settings())
+
+
+@once
+def chunk_budget() -> job.ChunkBudget:
+    """How many chunks this worker holds decoded at once, across the messages it works on."""
+    return job.ChunkBudget(2 * settings().batch_size)
+
+
+def gpu_slots(config: Settings) -> int:
+    """How many messages a GPU worker works on at once: enough for two full batches of one-chunk messages."""
+    return config.gpu_slots or 2 * config.batch_size
 
 
 def _observe_batch(rows: int, new_tokens: int, seconds: float) -> None:
@@ -140,28 +176,31 @@ class OmniqTask(Task):
 
     def _run_unit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         job_id, unit = kwargs["job_id"], unit_of(self.name, kwargs)
+        received = _take_received(self.request.id)  # the lease taken when the message arrived, if any
         status = state().status(job_id)
         # a late duplicate (the job ended or moved past this step), a unit already done, or a job whose state
         # was lost (``omniq recover`` and the watchdog send its work again): nothing to do
         if status not in RUNS_IN[self.name]:
             log.info("dropping %s of job %s: the job is %s", unit, job_id, status or "unknown to Redis")
-            return None
+            return _hand_back(job_id, unit, received)
         if state().is_unit_done(job_id, unit):
             log.info("dropping %s of job %s: that unit is done", unit, job_id)
-            return None
-        lease = leases().acquire(job_id, unit)
+            return _hand_back(job_id, unit, received)
+        shared = runs_shared(self.name)
+        lease = received or leases().acquire(job_id, unit, shared=shared)
         if not lease.held:
             holder = holder_name(lease.other)
             log.info("dropping a duplicate %s of job %s: %s is held by %s", self.name, job_id, unit, holder)
             return None
         try:
-            if lease.deaths:
+            if lease.died_now:
                 metrics.WORKER_DEATHS.labels(queue=self.queue_name, model=settings().model).inc()
                 if lease.deaths >= settings().max_worker_deaths:
                     chunks = kwargs.get("chunks")
                     fail_job(job_id, f"worker died {lease.deaths} times while {describe(unit, chunks)}")
                     return None
-            result = super().__call__(*args, **kwargs)
+            with _gate_for(job_id, unit, lease) if shared else nullcontext():
+                result = super().__call__(*args, **kwargs)
             state().unit_done(job_id, unit)
             _clean_if_ended(job_id, unit)
             return result
@@ -232,6 +271,63 @@ class OmniqTask(Task):
             log.error("%s of job %s raised an unexpected error", self.name, job_id, exc_info=exc)
         if job_id:
             fail_job(job_id, error_text(exc), kwargs.get("spec"))
+
+
+def runs_shared(task_name: str) -> bool:
+    """In a GPU worker with several slots, units share the process: a death there may be another's fault."""
+    return task_name in GPU_TASKS and gpu_slots(settings()) > 1
+
+
+_received: dict[str, Acquired] = {}  # task id -> the lease its unit got when the message arrived
+_received_lock = threading.Lock()
+
+
+def lease_on_receipt(task_id: str, task_name: str, kwargs: dict[str, Any]) -> None:
+    """Take a unit's lease as soon as a GPU worker receives its message (``workers.lifecycle``).
+
+    A GPU worker holds several messages at once; one killed before a message's thread started it would
+    otherwise leave a message that Redis returns only after its visibility timeout. With the lease taken
+    here, the lease expires with the worker and the watchdog sends the unit again. Never raises: the task
+    takes its lease when it runs if this could not."""
+    try:
+        job_id, unit = kwargs["job_id"], unit_of(task_name, kwargs)
+        if state().is_unit_done(job_id, unit):
+            return
+        lease = leases().acquire(job_id, unit, shared=runs_shared(task_name))
+    except Exception as error:
+        log.warning("could not take the lease of %s on receipt (taken when it runs): %s", task_id, error)
+        return
+    if lease.held:
+        with _received_lock:
+            _received[task_id] = lease
+
+
+def _take_received(task_id: str | None) -> Acquired | None:
+    with _received_lock:
+        return _received.pop(task_id or "", None)
+
+
+def _hand_back(job_id: str, unit: str, received: Acquired | None) -> None:
+    if received is not None:
+        leases().hand_back(job_id, unit, received.holder)
+
+
+@once
+def solo_gate() -> SoloGate:
+    return SoloGate()
+
+
+@contextmanager
+def _gate_for(job_id: str, unit: str, lease: Acquired) -> Iterator[None]:
+    """Run beside the other slots, or alone when the unit was in a worker that died (then a death is its own)."""
+    if not lease.suspect:
+        with solo_gate().shared():
+            yield
+        return
+    log.warning("%s of job %s was in a worker that died: running it alone", unit, job_id)
+    with solo_gate().solo():
+        leases().run_alone(job_id, unit)
+        yield
 
 
 class _GaveUp(TransientError):
@@ -343,7 +439,7 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int], unit: str | N
     plan = job.load_plan(storage(), job_id)
     job_settings = job.settings_for(plan.spec, settings(), runs_model=True)
     started = time.monotonic()
-    job.infer_chunks(plan, chunks, engine(), storage(), job_settings)
+    job.infer_chunks(plan, chunks, engine(), storage(), job_settings, chunk_budget())
     metrics.CHUNKS.labels(queue=self.queue_name, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
     done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
@@ -365,6 +461,10 @@ def summarize(self: Task, job_id: str, source: str) -> None:
     plan = job.load_plan(storage(), job_id)
     started = time.monotonic()
     job.summarize(plan, engine(), storage(), job.settings_for(plan.spec, settings(), runs_model=True))
+    # again: Redis may have lost the first advance meanwhile (and been rebuilt from the store as "running"),
+    # and a finalize sent to a job that is not "summarizing" would be dropped
+    if not state().advance(job_id, "summarizing", from_=RUNS_IN["omniq.summarize"]):
+        return
     state().add_timings(job_id, {"summarize_s": round(time.monotonic() - started, 3)})
     finalize.publish(plan.spec.priority, f"{job_id}-finalize", job_id=job_id, source=source)
     state().mark_sent([(job_id, FINALIZE, None)])

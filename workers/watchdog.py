@@ -25,9 +25,10 @@ import redis
 
 from pipeline.config import Settings
 from pipeline.errors import OmniqError
+from workers.deliveries import forget, stale_deliveries
 from workers.leases import Leases, holder_is_dead
-from workers.recovery import Action, JobView, decide, parse_units
-from workers.state import PENDING_FAILURES, PREFIX, JobState
+from workers.recovery import Action, JobView, UnitView, decide, parse_units
+from workers.state import FINISHED, PENDING_FAILURES, PREFIX, JobState
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,62 @@ def is_stale(state: JobState, leases: Leases, job_id: str, settings: Settings, n
     return now - view.updated_at > settings.lease_seconds
 
 
+class Overtaken:
+    """Units whose message was lost after a worker fetched it (kombu moves a message out of the Redis queue a
+    moment before it records it as unacknowledged; a worker killed in between, or a requeue that failed while
+    the worker stopped, loses it). A queue is served in order, so a unit sent before another of the same queue
+    and priority that has started, by more than a grace period, will not start; nor will one sent that long
+    ago to a queue that is now empty. Collected over one sweep, then sent again."""
+
+    def __init__(self) -> None:
+        self.started: dict[tuple[str, str, int], float] = {}  # queue -> latest send time of a started unit
+        self.waiting: list[tuple[JobView, dict[str, str], UnitView, tuple[str, str, int]]] = []
+
+    def note(self, view: JobView, record: dict[str, str]) -> None:
+        queue: tuple[str, int] | None = None
+        for unit in view.units.values():
+            if unit.sent is None or (unit.retry_at is not None and not unit.started):
+                continue
+            if queue is None:
+                spec = json.loads(record.get("spec") or "{}")
+                queue = (str(spec.get("config", {}).get("model", "")), int(spec.get("priority", 5)))
+            key = (_kind(unit.name), *queue)
+            if unit.started or unit.done or unit.holder:
+                self.started[key] = max(self.started.get(key, 0.0), unit.sent)
+            else:
+                self.waiting.append((view, record, unit, key))
+
+    def lost(
+        self, margin: float, now: float = 0.0, empty: frozenset[tuple[str, str]] = frozenset()
+    ) -> list[tuple[JobView, dict[str, str], UnitView]]:
+        """The waiting units overtaken by more than ``margin``, or sent more than ``margin`` before ``now`` to
+        a queue that is ``empty`` (kind, model): their message is neither waiting nor started."""
+        return [
+            (view, record, unit)
+            for view, record, unit, key in self.waiting
+            if unit.sent is not None
+            and (unit.sent < self.started.get(key, 0.0) - margin or (key[:2] in empty and unit.sent < now - margin))
+        ]
+
+    def queues(self) -> set[tuple[str, str]]:
+        return {key[:2] for _, _, _, key in self.waiting}
+
+
+def empty_queues(client: redis.Redis, queues: set[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """The (kind, model) queues with no message waiting in any of their priority lists."""
+    from workers.app import gpu_queue_for
+
+    empty = set()
+    for kind, model in queues:
+        name = gpu_queue_for(model) if kind == "gpu" else "media"
+        with client.pipeline(transaction=False) as pipe:
+            for key in [name] + [f"{name}:{step}" for step in range(1, 10)]:
+                pipe.llen(key)
+            if not any(pipe.execute()):
+                empty.add((kind, model))
+    return frozenset(empty)
+
+
 class Watchdog:
     """One sweep over the active jobs; :func:`start` runs it in a thread."""
 
@@ -113,6 +170,7 @@ class Watchdog:
             report.update({f"restored_{k}": v for k, v in restored.items()})
         # right after a Redis outage, give the lease renewers a moment to re-take leases that expired
         settled = now - self.last_redis_error > 2 * self.leases.renew_seconds
+        overtaken = Overtaken()
         for batch in _batched(self.state.active_ids(), 200):
             for view, record in load_views(self.state, self.leases, batch):
                 actions = decide(
@@ -126,6 +184,18 @@ class Watchdog:
                     if action.kind == "abandon" and not settled:
                         continue
                     report[self.apply(view, record, action, tasks)] += 1
+                if not actions:
+                    overtaken.note(view, record)
+        if settled:
+            resent = self.resend_stranded(now, tasks)
+            report["resent_stranded"] += len(resent)
+            empty = empty_queues(self.state.redis, overtaken.queues())
+            grace = max(self.settings.lease_seconds, self.settings.publish_grace_seconds)
+            for view, record, unit in overtaken.lost(grace, now, empty):
+                if (view.job_id, unit.name) in resent:
+                    continue
+                action = Action("publish", unit.name, unit.chunks, why="its message is neither queued nor started")
+                report[self.apply(view, record, action, tasks)] += 1
         for job_id in self.state.redis.smembers(PENDING_FAILURES):
             report["failure_manifests" if tasks.write_failure_manifest(job_id) else "failure_manifests_waiting"] += 1
         if now - self.last_prune > PRUNE_EVERY_SECONDS:
@@ -137,6 +207,36 @@ class Watchdog:
             except OmniqError as error:
                 log.warning("could not prune the producer's batch records (will try again): %s", error)
         return report
+
+    def resend_stranded(self, now: float, tasks: Any) -> set[tuple[str, str]]:
+        """Send again the units whose message a dead worker fetched but never started (``workers.deliveries``);
+        returns the (job id, unit) pairs sent."""
+        from pipeline.spec import JobSpec
+
+        resent: set[tuple[str, str]] = set()
+        for delivery in stale_deliveries(self.state.redis, now - self.settings.lease_seconds):
+            unit = tasks.unit_of(delivery.task, delivery.kwargs)
+            record = self.state.redis.hgetall(JobState.key(delivery.job_id))
+            if record.get("status") in FINISHED:
+                forget(self.state.redis, delivery.tag)  # it would only be dropped when delivered
+                continue
+            units = self.state.units(delivery.job_id)
+            if float(units.get(f"{unit}:sent") or 0) > delivery.delivered_at:
+                forget(self.state.redis, delivery.tag)  # sent again since: the newer message stands for it
+                continue
+            waiting = any(f"{unit}:{field}" in units for field in ("done", "started", "retry_at"))
+            if waiting or not record.get("spec") or self.leases.holder_of(delivery.job_id, unit):
+                continue  # done, running, due to retry, or its state is being rebuilt: not stranded
+            spec = JobSpec.from_dict(json.loads(record["spec"]))
+            attempt = self.state.incr(delivery.job_id, "recovered")
+            tasks.publish_unit(spec, unit, delivery.kwargs.get("chunks"), suffix=f"-r{attempt}")
+            forget(self.state.redis, delivery.tag)
+            tasks.metrics.RECOVERED.labels(
+                queue=_kind(unit), model=str(spec.config.get("model")), reason="stranded"
+            ).inc()
+            log.warning("job %s: sent %s again (its worker died before starting it)", delivery.job_id, unit)
+            resent.add((delivery.job_id, unit))
+        return resent
 
     def apply(self, view: JobView, record: dict[str, str], action: Action, tasks: Any) -> str:
         from pipeline.spec import JobSpec

@@ -3,10 +3,12 @@
 Any number of threads call :meth:`PipelinedEngine.generate` (one per message or file being worked on). Their
 requests wait in one pool; a *preparing* thread gathers them for a short window into batches of compatible
 requests (same video fps and soundtrack use, same kind of output, similar lengths; capped by rows and by media
-tokens), runs the processor on each, and puts it into a bounded queue; the *model* thread takes batches from
-that queue and runs ``generate``. So the processor work for batch k+1 runs while batch k generates, and rows
-from different jobs share one ``generate`` call. The queue holds at most ``ahead`` prepared batches, which is
-what keeps memory flat. An exception reaches the callers whose rows it concerns.
+tokens), runs the processor on each, and puts it into a queue; the *model* thread takes batches from that
+queue and runs ``generate``. So the processor work for batch k+1 runs while batch k generates, and rows from
+different jobs share one ``generate`` call. A batch is formed only when there is room for it in the queue
+(at most ``ahead`` prepared batches wait, which keeps memory flat), so the rows that arrive while the model is
+busy fill the next batch instead of waiting behind a half-full one. An exception reaches the callers whose
+rows it concerns.
 """
 
 from __future__ import annotations
@@ -99,7 +101,10 @@ class PipelinedEngine:
         self.stats = PipelineStats()
         self._pending: list[_Row] = []
         self._condition = threading.Condition()
-        self._ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+        self._ready: queue.Queue[Any] = queue.Queue()
+        # places for prepared batches: a batch is formed only once there is room for it, so rows that arrive
+        # while the model is busy join the next batch instead of waiting in a half-full one
+        self._room = threading.Semaphore(max(1, ahead))
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
@@ -154,6 +159,7 @@ class PipelinedEngine:
 
     def _prepare_loop(self) -> None:
         while True:
+            self._room.acquire()
             rows = self._next_batch()
             if rows is None:
                 self._ready.put(_STOP)
@@ -164,9 +170,10 @@ class PipelinedEngine:
                 encoded = self.engine.encode(requests)
             except BaseException as error:  # handed to the callers, who raise it
                 _fail(rows, error)
+                self._room.release()
                 continue
             self.stats.prepare_s += time.perf_counter() - started
-            self._ready.put((rows, encoded))  # blocks while ``ahead`` batches wait: memory stays flat
+            self._ready.put((rows, encoded))  # at most ``ahead`` wait: memory stays flat
 
     def _model_loop(self) -> None:
         import torch
@@ -175,6 +182,7 @@ class PipelinedEngine:
             item = self._ready.get()
             if item is _STOP:
                 return
+            self._room.release()
             rows, encoded = item
             requests = [row.request for row in rows]
             started = time.perf_counter()

@@ -185,6 +185,12 @@ def _build_processor(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeProcessor:
     )
 
 
+def build_processor() -> Qwen3OmniMoeProcessor:
+    """The processor of the tiny model (a real Qwen3-Omni processor with a small tokenizer), built in memory:
+    its audio and video features have the released model's shapes (``bench/gpu_throughput.py`` uses it)."""
+    return _build_processor(_build_tokenizer())
+
+
 def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeThinkerConfig:
     from transformers import Qwen3OmniMoeThinkerConfig
 

@@ -61,16 +61,18 @@ class Worker:
         name: str,
         concurrency: int = 1,
         wrapper: list[str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.queue, self.env, self.name, self.concurrency = queue, env, name, concurrency
         self.wrapper = wrapper or []  # e.g. unshare, to run the worker as if on another machine
+        self.args = args or []  # more ``omniq worker`` options, e.g. --metrics-port
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> Worker:
         command = [*self.wrapper, sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", self.queue]
-        command += ["--concurrency", str(self.concurrency)]
+        command += ["--concurrency", str(self.concurrency), *self.args]
         log = self.log_path.open("ab")
         log.write(f"\n===== start {self.starts} at {time.time():.3f} =====\n".encode())
         log.flush()
@@ -159,8 +161,9 @@ class Cluster:
         concurrency: int = 1,
         env: dict[str, str] | None = None,
         wrapper: list[str] | None = None,
+        args: list[str] | None = None,
     ) -> Worker:
-        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper)
+        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper, args)
         self.workers[name] = worker
         return worker.start()
 

@@ -202,3 +202,48 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
         command[:-3] + ["--chunk-seconds", "10"], capture_output=True, text=True, env=env, timeout=300
     )
     assert completed.returncode == 1 and completed.stdout.startswith("done")
+
+
+def test_many_files_share_batches_and_the_next_ingest_overlaps_inference(settings, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from pipeline import job
+
+    clips = [make_sample(tmp_path / f"clip{i}.mp4", 4.0 + 0.2 * i, size="160x120") for i in range(6)]
+    clips.insert(3, tmp_path / "missing.mp4")  # a bad file among them: reported in its place, the rest go on
+    spans: dict[str, list[tuple[str, float, float]]] = {"ingest": [], "infer": []}
+    lock = threading.Lock()
+
+    def recorded(name, function):
+        def wrapper(job_plan_or_spec, *args, **kwargs):
+            started = time.monotonic()
+            try:
+                return function(job_plan_or_spec, *args, **kwargs)
+            finally:
+                with lock:
+                    spans[name].append(
+                        (getattr(job_plan_or_spec, "spec", job_plan_or_spec).job_id, started, time.monotonic())
+                    )
+
+        return wrapper
+
+    monkeypatch.setattr(job, "ingest", recorded("ingest", job.ingest))
+    monkeypatch.setattr(job, "infer_file", recorded("infer", job.infer_file))
+    engine = OmniEngine(settings)
+    sizes: list[int] = []
+    engine.batch_observers.append(lambda rows, tokens, seconds: sizes.append(rows))
+    storage = LocalStorage(tmp_path / "store")
+    outcomes = list(
+        job.run_jobs([str(c) for c in clips], settings.model_copy(update={"batch_size": 4}), storage, engine)
+    )
+    assert [o.status for o in outcomes] == ["done"] * 3 + ["failed"] + ["done"] * 3
+    assert [o.source for o in outcomes][:3] == [c.resolve().as_uri() for c in clips[:3]]
+    assert "missing.mp4" in outcomes[3].error
+    # rows of different files share generate calls: 6 files x (transcript, caption, summary) in few calls
+    assert sum(sizes) == 18 and max(sizes) == 4 and len(sizes) <= 9, sizes
+    # one ingest at a time, and ingests ran while other files were being inferred
+    ingests = sorted(spans["ingest"], key=lambda s: s[1])
+    assert all(a[2] <= b[1] + 1e-3 for a, b in zip(ingests, ingests[1:])), "ingests overlapped each other"
+    inferring = [(start, end) for _, start, end in spans["infer"]]
+    assert any(any(s < i_start < e for s, e in inferring) for _, i_start, _ in ingests), (ingests, inferring)

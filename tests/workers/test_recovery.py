@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import fakeredis
 import pytest
 
 from pipeline.config import Settings
+from tests.workers.conftest import queued
 from workers import tasks
 from workers.leases import Leases, _pid_namespace, holder_is_dead, lease_key, process_identity
 from workers.recovery import JobView, UnitView, decide, describe, parse_units
@@ -21,8 +23,8 @@ NOW = 10_000.0
 LIMITS = {"max_deaths": 3, "lease_seconds": 45, "publish_grace_seconds": 60}
 
 
-def view(status="running", units=(), done=(), total=4, created=NOW - 600, updated=NOW - 600):
-    return JobView("job", status, created, updated, total, set(done), {u.name: u for u in units})
+def view(status="running", units=(), done=(), total=4, created=NOW - 600, updated=NOW - 600, job_id="job"):
+    return JobView(job_id, status, created, updated, total, set(done), {u.name: u for u in units})
 
 
 def kinds(actions):
@@ -137,8 +139,57 @@ def test_a_started_unit_whose_lease_expired_unnoticed_counts_a_death_when_taken(
     assert again.held and again.deaths == 1
     leases.release("j", "ingest", again.holder)
     state.unit_done("j", "ingest")  # a unit that ended cleanly is not a death when it is taken again
-    assert leases.acquire("j", "ingest").deaths == 0
+    after = leases.acquire("j", "ingest")
+    assert after.deaths == 1 and not after.died_now
     assert first.holder != again.holder
+
+
+def test_a_death_beside_other_units_is_counted_apart_and_the_unit_then_runs_alone(state):
+    leases = Leases(state, 45, 10)
+    shared = leases.acquire("j", "infer-0", shared=True)
+    assert not shared.suspect
+    state.redis.delete(lease_key("j", "infer-0"))  # the GPU worker died with several units in it
+    taken = leases.acquire("j", "infer-0", shared=True)
+    assert taken.died_now and (taken.deaths, taken.shared_deaths) == (0, 1) and taken.suspect
+    leases.run_alone("j", "infer-0")  # alone from here: its next death is its own
+    started = state.units("j")["infer-0:started"]
+    state.redis.delete(lease_key("j", "infer-0"))  # it killed its worker, alone
+    assert leases.abandon("j", "infer-0", started) == 1
+    units = state.units("j")
+    assert (units["infer-0:deaths"], units["infer-0:shared_deaths"], units["infer-0:shared"]) == ("1", "1", "0")
+    # the watchdog's view: a death beside others never fails a job, one alone counts toward the limit
+    beside = UnitView("infer-0", started="1", chunks=[0], deaths=2, shared=True)
+    assert kinds(decide(view(units=[UnitView("ingest", done=True), beside], total=1), NOW, **LIMITS)) == [
+        ("abandon", "infer-0", [0], None)
+    ]
+    alone = UnitView("infer-0", started="1", chunks=[0], deaths=2, shared=False)
+    assert decide(view(units=[UnitView("ingest", done=True), alone], total=1), NOW, **LIMITS)[0].fail_reason
+
+
+def test_a_suspect_unit_runs_alone_after_the_running_ones_and_before_new_ones():
+    from workers.pool import SoloGate
+
+    gate, events, lock = SoloGate(), [], threading.Lock()
+
+    def run(name: str, solo: bool, seconds: float) -> None:
+        with gate.solo() if solo else gate.shared():
+            with lock:
+                events.append(("start", name))
+            time.sleep(seconds)
+            with lock:
+                events.append(("end", name))
+
+    first = threading.Thread(target=run, args=("a", False, 0.3))
+    first.start()
+    time.sleep(0.05)
+    suspect = threading.Thread(target=run, args=("s", True, 0.2))
+    suspect.start()
+    time.sleep(0.05)
+    late = threading.Thread(target=run, args=("b", False, 0.05))
+    late.start()
+    for thread in (first, suspect, late):
+        thread.join(timeout=10)
+    assert events == [("start", "a"), ("end", "a"), ("start", "s"), ("end", "s"), ("start", "b"), ("end", "b")]
 
 
 def test_renewal_keeps_a_lease_and_retakes_one_that_expired(state):
@@ -251,3 +302,65 @@ def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypa
     assert report["resent"] == 2 and report["failed"] == 1
     assert state.redis.hget(JobState.key("lost"), "recovered") == "1"
     assert Watchdog(state, Leases(state, 45, 10), settings).sweep() is None  # another worker holds the lock
+
+
+def test_a_message_fetched_by_a_worker_that_died_before_starting_it_is_sent_again(broker, monkeypatch):
+    """A worker took the message from Redis (kombu's unacked hash) and was SIGKILLed before it could take the
+    unit's lease: without the watchdog, Redis would give it back only after the visibility timeout (hours)."""
+    url, client, state = broker
+    monkeypatch.setattr(tasks, "state", lambda: state)
+    spec = {"job_id": "j", "media_id": "m", "source": "s", "input_uri": "s", "fingerprint": "f",
+            "config": {"model": "tiny"}}  # fmt: skip
+    state.create("j", "s", "m", spec)
+    state.advance("j", "running", chunks_total=2)
+    state.unit_done("j", "ingest")
+    tasks.infer.publish(5, "j-infer-0", model="tiny", job_id="j", source="s", chunks=[0, 1])
+    state.mark_sent([("j", "infer-0", [0, 1])])
+    fetch_and_die = (
+        "import os, sys\nfrom kombu import Connection\n"
+        "channel = Connection(sys.argv[1], transport_options={'sep': ':', 'priority_steps': list(range(10))}).channel()\n"
+        "message = channel.basic_get(sys.argv[2], no_ack=False)\n"
+        "assert message is not None\nos._exit(0)  # a SIGKILL: nothing is acknowledged or given back\n"
+    )
+    from workers.app import gpu_queue_for
+
+    subprocess.run([sys.executable, "-c", fetch_and_die, url, gpu_queue_for("tiny")], check=True, timeout=60)
+    assert client.hlen("unacked") == 1 and not queued(client, gpu_queue_for("tiny"))
+    sent = []
+    monkeypatch.setattr(
+        tasks, "publish_unit", lambda spec, unit, chunks=None, **kw: sent.append((spec.job_id, unit, chunks))
+    )
+    from workers.watchdog import EPOCH, Watchdog
+
+    client.set(EPOCH, "1")
+    settings = Settings(model="tiny")
+    assert Watchdog(state, Leases(state, 45, 10), settings).sweep(force=True)["resent_stranded"] == 0  # too new
+    report = Watchdog(state, Leases(state, 45, 10), settings).sweep(now=time.time() + 60, force=True)
+    assert report["resent_stranded"] == 1 and sent == [("j", "infer-0", [0, 1])]
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+    # the stranded copy is gone: the next sweep finds nothing to send
+    assert (
+        Watchdog(state, Leases(state, 45, 10), settings).sweep(now=time.time() + 60, force=True)["resent_stranded"] == 0
+    )
+
+
+def test_a_unit_overtaken_in_its_queue_by_a_later_one_that_started_is_lost():
+    """kombu takes a message out of the Redis list a moment before recording it as unacknowledged: a worker
+    killed in between loses it. Queues are served in order, so a later message of the same queue and priority
+    that started means the earlier one will not."""
+    from workers.watchdog import Overtaken
+
+    def job(job_id: str, priority: int, **unit: object) -> tuple[JobView, dict[str, str]]:
+        spec = json.dumps({"priority": priority, "config": {"model": "tiny"}})
+        return view(units=[UnitView("ingest", done=True), UnitView("infer-0", **unit)], job_id=job_id), {"spec": spec}
+
+    overtaken = Overtaken()
+    overtaken.note(*job("lost", 5, sent=100.0, chunks=[0]))
+    overtaken.note(*job("waiting", 5, sent=190.0, chunks=[0]))  # sent just before: may still be on its way
+    overtaken.note(*job("urgent", 9, sent=50.0, chunks=[0]))  # another priority: another Redis list
+    overtaken.note(*job("retrying", 5, sent=10.0, retry_at=300.0))  # held by a worker until its retry time
+    overtaken.note(*job("running", 5, sent=200.0, started="201"))
+    assert [(v.job_id, u.name) for v, _, u in overtaken.lost(45)] == [("lost", "infer-0")]
+    # with nothing left in the GPU queue, a unit sent long enough ago is lost too, whatever else started
+    lost = overtaken.lost(45, now=230.0, empty=frozenset({("gpu", "tiny")}))
+    assert sorted(v.job_id for v, _, _ in lost) == ["lost", "urgent"]  # "waiting" was sent 40 s ago only

@@ -1,0 +1,204 @@
+"""Throughput of the full-size Qwen3-Omni-30B-A3B thinker with random weights, on one GPU.
+
+No machine here can download the released weights, so the model is built from the released model's config
+(set explicitly below: transformers' default ``Qwen3OmniMoeConfig()`` is a different, smaller model) with random
+bf16 weights directly on the GPU. Inputs are real processor outputs for 30 s chunks: frames at 2 fps under the
+pixel cap with their soundtrack (caption rows), 30 s of audio (transcript rows), and chunk-summary prompts of
+realistic length. Output lengths are fixed (EOS ignored): transcript 120, caption 100, summary 80 tokens.
+
+For each batch size it prints prefill and decode tokens/s, seconds per chunk, peak memory and media-hours per
+GPU-hour for transcript + caption + summary, and writes them as JSON (``--out``). ``--scale small`` builds a
+tiny config of the same shape family, so the script itself can be checked on a CPU.
+
+Usage: python bench/gpu_throughput.py [--batches 1,4,8,16] [--out results.json] [--scale full|small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from pipeline import prompts
+from pipeline.config import Settings
+from pipeline.engines.base import SAMPLE_RATE, GenerationRequest
+from pipeline.engines.omni import OmniEngine, fast_paths
+from pipeline.engines.tiny import POSITION_ID_PER_SECONDS, build_processor
+
+OUTPUT_TOKENS = {prompts.TRANSCRIPT: 120, prompts.CAPTION: 100, prompts.CHUNK_SUMMARY: 80}
+
+# Qwen3-Omni-30B-A3B's thinker as released (about 31 B parameters, 3 B active per token)
+RELEASED = {
+    "text": {
+        "vocab_size": 151_936, "hidden_size": 2048, "intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1, "norm_topk_prob": True,
+        "max_position_embeddings": 65_536, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [24, 20, 20],
+                            "interleaved": True, "mrope_interleaved": True},
+    },
+    "audio": {
+        "num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+        "d_model": 1280, "output_dim": 2048, "downsample_hidden_size": 480, "n_window": 50, "n_window_infer": 800,
+        "max_source_positions": 1500, "conv_chunksize": 500,
+    },
+    "vision": {
+        "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
+        "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 2048, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+}  # fmt: skip
+SMALL = {  # the same families, small enough for a CPU: checks the script, says nothing about speed
+    "text": {**RELEASED["text"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 32, "intermediate_size": 32,
+             "rope_parameters": {**RELEASED["text"]["rope_parameters"], "mrope_section": [4, 2, 2]}},
+    "audio": {**RELEASED["audio"], "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+              "d_model": 32, "output_dim": 64, "downsample_hidden_size": 8},
+    "vision": {**RELEASED["vision"], "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
+}  # fmt: skip
+
+
+def thinker_config(scale: str, tokenizer: Any) -> Any:
+    from transformers import Qwen3OmniMoeThinkerConfig
+
+    shapes = RELEASED if scale == "full" else SMALL
+    token = tokenizer.convert_tokens_to_ids
+    return Qwen3OmniMoeThinkerConfig(
+        text_config={**shapes["text"], "pad_token_id": token("<|endoftext|>"), "eos_token_id": token("<|im_end|>")},
+        audio_config=shapes["audio"],
+        vision_config=shapes["vision"],
+        position_id_per_seconds=POSITION_ID_PER_SECONDS,
+        audio_token_id=token("<|audio_pad|>"),
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        audio_start_token_id=token("<|audio_start|>"),
+        audio_end_token_id=token("<|audio_end|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+    )
+
+
+def chunk_requests(settings: Settings, seconds: float, seed: int) -> dict[str, GenerationRequest]:
+    """One 30 s chunk's three rows, from synthetic media of the real shapes (640x360 frames under the cap)."""
+    rng = np.random.default_rng(seed)
+    audio = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+    scale = min(1.0, (settings.frame_max_pixels / (640 * 360)) ** 0.5)
+    height, width = int(360 * scale) // 2 * 2, int(640 * scale) // 2 * 2
+    frames = rng.integers(0, 255, (int(seconds * settings.fps), height, width, 3), dtype=np.uint8)
+    words = " ".join(["the speaker explains the next step of the plan"] * 12)  # ~100 tokens of earlier output
+    return {
+        prompts.TRANSCRIPT: prompts.transcript_request(audio, None, OUTPUT_TOKENS[prompts.TRANSCRIPT]),
+        prompts.CAPTION: prompts.caption_request(frames, settings.fps, audio, OUTPUT_TOKENS[prompts.CAPTION]),
+        prompts.CHUNK_SUMMARY: prompts.chunk_summary_request(
+            0.0, seconds, words, words, words, OUTPUT_TOKENS[prompts.CHUNK_SUMMARY]
+        ),
+    }
+
+
+def timed_generate(engine: OmniEngine, rows: list[GenerationRequest], new_tokens: int) -> dict[str, float]:
+    """Prefill (a 1-token generate) and the whole fixed-length generate for one batch."""
+    encoded = engine.encode(rows)
+    prompt = int(encoded.attention_mask.sum())
+
+    def run(tokens: int) -> float:
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            engine.model.generate(
+                **encoded.inputs, use_audio_in_video=encoded.use_audio_in_video, max_new_tokens=tokens,
+                min_new_tokens=tokens, do_sample=False, pad_token_id=engine.processor.tokenizer.pad_token_id,
+            )  # fmt: skip
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    prefill = run(1)
+    total = run(new_tokens)
+    decode = max(total - prefill, 1e-9)
+    return {
+        "prompt_tokens": prompt,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "total_s": total,
+        "prefill_tok_s": prompt / prefill,
+        "decode_tok_s": len(rows) * (new_tokens - 1) / decode,
+        "prepare_s": encoded.seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--scale", choices=("full", "small"), default="full")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    settings = Settings(model="tiny", device=device.type)
+    processor = build_processor()
+    config = thinker_config(args.scale, processor.tokenizer)
+    started = time.perf_counter()
+    with torch.device(device):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(config, dtype=dtype, **fast_paths(settings))
+    model.eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    engine = OmniEngine(settings)  # its encode(): the same processor calls the workers make
+    engine.model, engine.processor, engine.device = model, processor, device
+    print(
+        f"{args.scale} thinker: {parameters / 1e9:.2f} B parameters, built in {time.perf_counter() - started:.0f} s on "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} ({dtype}); torch {torch.__version__}; "
+        f"attention {model.config._attn_implementation}, experts {model.get_experts_implementation()}",
+        flush=True,
+    )
+    chunk = chunk_requests(settings, args.seconds, seed=0)
+    timed_generate(engine, [chunk[prompts.CHUNK_SUMMARY]], 4)  # warm-up (kernels, allocator)
+    report: dict[str, Any] = {"scale": args.scale, "parameters": parameters, "device": str(device), "batches": []}
+    print(f"{'batch':>5} {'kind':>10} {'prompt':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'s':>7}", flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        kinds = {}
+        for kind, new_tokens in OUTPUT_TOKENS.items():
+            rows = [chunk_requests(settings, args.seconds, seed=i)[kind] for i in range(batch)]
+            kinds[kind] = timed_generate(engine, rows, new_tokens)
+            row = kinds[kind]
+            print(
+                f"{batch:5d} {kind:>10} {row['prompt_tokens']:8d} {row['prefill_tok_s']:14.0f} "
+                f"{row['decode_tok_s']:13.0f} {row['total_s']:7.2f}",
+                flush=True,
+            )
+        seconds = sum(k["total_s"] for k in kinds.values())
+        entry = {
+            "batch": batch,
+            "kinds": kinds,
+            "seconds_per_chunk": seconds / batch,
+            "media_hours_per_gpu_hour": batch * args.seconds / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        }
+        report["batches"].append(entry)
+        memory = f", peak {entry['peak_memory_gib']:.1f} GiB" if entry["peak_memory_gib"] else ""
+        print(
+            f"batch {batch}: {entry['seconds_per_chunk']:.2f} s per {args.seconds:.0f} s chunk, "
+            f"{entry['media_hours_per_gpu_hour']:.1f} media-hours per GPU-hour{memory}",
+            flush=True,
+        )
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The model steps of a job: read chunk packs back, transcribe / caption / summarise them, summarise the file.
+
+Chunks are fetched and decoded by a few threads at once, and as many chunks as a :class:`ChunkBudget` allows
+are held decoded at a time (all-or-nothing per call, so callers never deadlock over it). With a
+:class:`~pipeline.engines.pipelined.PipelinedEngine`, several callers (messages, files) run these functions at
+once and their rows share ``generate`` calls.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline import prompts
+from pipeline.assemble import ChunkResult
+from pipeline.config import Settings
+from pipeline.engines.base import Engine, GenerationRequest
+from pipeline.media import extract, pack
+from pipeline.media.plan import Chunk
+from pipeline.spec import JobPlan, chunk_prefix, get_json, pack_key, put_json, work_prefix
+from pipeline.storage import Storage
+
+LOAD_THREADS = 4  # chunk packs fetched and decoded at once by one call
+
+
+class ChunkBudget:
+    """How many chunks may be held decoded at once in this process (across all callers)."""
+
+    def __init__(self, chunks: int) -> None:
+        self.total = max(1, chunks)
+        self._free = self.total
+        self._condition = threading.Condition()
+
+    @contextmanager
+    def reserve(self, chunks: int) -> Iterator[None]:
+        """Hold ``chunks`` places (at most the whole budget) while the block runs; waits for them all at once."""
+        wanted = min(max(chunks, 0), self.total)
+        with self._condition:
+            self._condition.wait_for(lambda: self._free >= wanted)
+            self._free -= wanted
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._free += wanted
+                self._condition.notify_all()
+
+
+@dataclass
+class ChunkMedia:
+    chunk: Chunk
+    frames: np.ndarray | None  # uint8 (T, H, W, 3)
+    audio: np.ndarray | None  # float32 at 16 kHz
+    silent: bool
+    seconds: float = 0.0  # fetching and decoding it
+
+
+def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: Settings) -> ChunkMedia:
+    """Read one chunk's pack back from storage (one GET) and decode it into arrays for the engine."""
+    started = time.perf_counter()
+    chunk = job_plan.chunks[index]
+    key = pack_key(job_plan.spec.job_id, index)
+    contents = pack.unpack_chunk(storage.get_bytes(key), storage.uri(key))
+    frames = None
+    if contents.frames:
+        images = []
+        for data in contents.frames:
+            with Image.open(io.BytesIO(data)) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        if len(images) == 1:  # the video processor groups frames in pairs; one frame stands for two
+            images.append(images[0])
+        frames = np.stack(images)
+    audio = None
+    silent = True
+    if contents.audio is not None and contents.audio.size:
+        audio = contents.audio.astype(np.float32) / 32768.0
+        quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
+        covered = sum(end - start for start, end in quiet)
+        silent = covered >= 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05
+    return ChunkMedia(chunk, frames, audio, silent, time.perf_counter() - started)
+
+
+def infer_chunks(
+    job_plan: JobPlan,
+    indices: list[int],
+    engine: Engine,
+    storage: Storage,
+    settings: Settings,
+    budget: ChunkBudget | None = None,
+) -> list[ChunkResult]:
+    """Transcribe, caption and summarise the given chunks in batched ``generate`` calls.
+
+    A chunk whose result is already stored is not run again (redelivered tasks cost nothing). Its result is
+    stored before this returns: a queue message is acknowledged only after that.
+    """
+    job_id = job_plan.spec.job_id
+    done: dict[int, ChunkResult] = {}
+    todo: list[int] = []
+    for index in indices:
+        key = f"{chunk_prefix(job_id, index)}/result.json"
+        if storage.exists(key):
+            done[index] = ChunkResult.from_dict(get_json(storage, key))
+        else:
+            todo.append(index)
+    step = budget.total if budget else len(todo)  # never hold more decoded chunks than the budget
+    for first in range(0, len(todo), step):
+        done.update(_infer_group(job_plan, todo[first : first + step], engine, storage, settings, budget))
+    return [done[index] for index in indices]
+
+
+def _infer_group(
+    job_plan: JobPlan,
+    todo: list[int],
+    engine: Engine,
+    storage: Storage,
+    settings: Settings,
+    budget: ChunkBudget | None,
+) -> dict[int, ChunkResult]:
+    with budget.reserve(len(todo)) if budget else _nothing():
+        with ThreadPoolExecutor(min(len(todo), LOAD_THREADS), thread_name_prefix="omniq-load") as loaders:
+            media = list(loaders.map(lambda index: load_chunk_media(storage, job_plan, index, settings), todo))
+        results = {m.chunk.index: ChunkResult(m.chunk.index, m.chunk.start, m.chunk.end) for m in media}
+        for item in media:
+            results[item.chunk.index].prepare_seconds += item.seconds
+        requests: list[tuple[int, str, GenerationRequest]] = []
+        for item in media:
+            if item.audio is not None and not item.silent:
+                request = prompts.transcript_request(item.audio, settings.language, settings.transcript_max_new_tokens)
+                requests.append((item.chunk.index, prompts.TRANSCRIPT, request))
+            if item.frames is not None or item.audio is not None:
+                request = prompts.caption_request(
+                    item.frames, job_plan.fps, item.audio, settings.caption_max_new_tokens
+                )
+                requests.append((item.chunk.index, prompts.CAPTION, request))
+        streams = {m.chunk.index: (m.frames is not None, m.audio is not None) for m in media}
+        _run(engine, requests, results, streams)
+        del media, requests  # the decoded frames and audio go before the text-only summaries
+    summaries = [
+        (
+            index,
+            prompts.CHUNK_SUMMARY,
+            prompts.chunk_summary_request(
+                r.start, r.end, r.transcript, r.visual, r.audio, settings.summary_max_new_tokens
+            ),
+        )
+        for index, r in results.items()
+    ]
+    _run(engine, summaries, results, streams)
+    for index, result in results.items():
+        # checked absent above: one PUT, no compare-first (3 requests per chunk in all, with the pack's GET)
+        put_json(
+            storage, f"{chunk_prefix(job_plan.spec.job_id, index)}/result.json", result.to_dict(), if_changed=False
+        )
+    return results
+
+
+def infer_file(
+    job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings, budget: ChunkBudget | None = None
+) -> None:
+    """Every chunk of a file, in groups of ``batch_size``; with a pipelined engine two groups run at once, so
+    one group's chunks are fetched and decoded while the other's generate."""
+    from pipeline.engines.pipelined import PipelinedEngine
+
+    indices = [c.index for c in job_plan.chunks]
+    size = settings.batch_size
+    groups = [indices[first : first + size] for first in range(0, len(indices), size)]
+    if isinstance(engine, PipelinedEngine) and len(groups) > 1:
+        with ThreadPoolExecutor(2, thread_name_prefix="omniq-group") as runners:
+            list(runners.map(lambda group: infer_chunks(job_plan, group, engine, storage, settings, budget), groups))
+    else:
+        for group in groups:
+            infer_chunks(job_plan, group, engine, storage, settings, budget)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _run(
+    engine: Engine,
+    requests: list[tuple[int, str, GenerationRequest]],
+    results: dict[int, ChunkResult],
+    streams: dict[int, tuple[bool, bool]],
+) -> None:
+    if not requests:
+        return
+    answers = engine.generate([request for _, _, request in requests])
+    for (index, kind, _), answer in zip(requests, answers, strict=True):
+        result = results[index]
+        result.new_tokens += answer.new_tokens
+        share = max(answer.batch_size, 1)
+        result.model_seconds += answer.seconds / share
+        result.prepare_seconds += answer.prepare_seconds / share
+        if kind == prompts.TRANSCRIPT:
+            result.transcript = answer.text.strip()
+        elif kind == prompts.CAPTION:
+            result.visual, result.audio = prompts.parse_caption(answer.text, *streams[index])
+        else:
+            result.summary = answer.text.strip()
+
+
+def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings) -> dict[str, Any]:
+    """The file summary from the chunk summaries; stored at ``work/<job>/summary.json``.
+
+    A file of one chunk takes its chunk's summary as is: a second model call would only restate it.
+    """
+    key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
+    if storage.exists(key):
+        return get_json(storage, key)
+    chunks = [
+        ChunkResult.from_dict(get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
+        for c in job_plan.chunks
+    ]
+    if len(chunks) == 1:
+        text, seconds = chunks[0].summary, 0.0
+    else:
+        request = prompts.file_summary_request(
+            [(c.start, c.end, c.summary) for c in chunks], settings.summary_max_new_tokens
+        )
+        answer = engine.generate([request])[0]
+        text, seconds = answer.text.strip(), answer.seconds / max(answer.batch_size, 1)
+    document = {
+        "summary": text,
+        "model": engine.model_id,
+        "random_weights": bool(engine.random_weights),
+        "seconds": round(seconds, 3),
+    }
+    put_json(storage, key, document)
+    return document
