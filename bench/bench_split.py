@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?")
     parser.add_argument("--duration", type=float, default=120.0)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 run (no SeaweedFS)")
     args = parser.parse_args()
     settings = Settings()
@@ -67,10 +67,20 @@ def main() -> None:
 
             return run
 
-        raw = best_of(args.runs, raw_pass)
-        local = best_of(args.runs, ours(LocalStorage(directory / "store")))
+        def interleaved(*runs: Callable[[int], object]) -> list[float]:
+            """Median wall time of each, the runs taking turns (so drifts in machine speed hit all alike)."""
+            times: list[list[float]] = [[] for _ in runs]
+            for number in range(args.runs):
+                for slot, function in enumerate(runs):
+                    started = time.perf_counter()
+                    function(number)
+                    times[slot].append(time.perf_counter() - started)
+            return [statistics.median(t) for t in times]
+
         s3_line = ""
-        if not args.no_s3:
+        if args.no_s3:
+            raw, local = interleaved(raw_pass, ours(LocalStorage(directory / "store")))
+        else:
             from tests.servers import S3Server
 
             with S3Server() as s3:
@@ -78,7 +88,8 @@ def main() -> None:
                 os.environ.update(AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key)
                 s3_settings = settings.model_copy(update={"s3_endpoint_url": s3.endpoint_url, "s3_region": s3.region})
                 storage = open_storage(f"s3://{bucket}/omniq", s3_settings)
-                on_s3 = best_of(args.runs, ours(storage))
+                ours(storage)(-1)  # warm-up: the S3 client and its connections
+                raw, local, on_s3 = interleaved(raw_pass, ours(LocalStorage(directory / "store")), ours(storage))
                 s3_line = f"omniq ingest, S3 (SeaweedFS): {on_s3:7.2f} s   {on_s3 / raw:5.2f}x the ffmpeg pass"
         chunks = math.ceil(info.duration_s / settings.chunk_seconds)
 
