@@ -31,7 +31,7 @@ from pipeline import prompts
 from pipeline.config import Settings
 from pipeline.engines.base import SAMPLE_RATE, GenerationRequest
 from pipeline.engines.omni import OmniEngine, fast_paths
-from pipeline.engines.tiny import POSITION_ID_PER_SECONDS, build_processor
+from pipeline.engines.tiny import build_processor, thinker_token_settings
 
 OUTPUT_TOKENS = {prompts.TRANSCRIPT: 120, prompts.CAPTION: 100, prompts.CHUNK_SUMMARY: 80}
 
@@ -77,14 +77,7 @@ def thinker_config(scale: str, tokenizer: Any) -> Any:
         text_config={**shapes["text"], "pad_token_id": token("<|endoftext|>"), "eos_token_id": token("<|im_end|>")},
         audio_config=shapes["audio"],
         vision_config=shapes["vision"],
-        position_id_per_seconds=POSITION_ID_PER_SECONDS,
-        audio_token_id=token("<|audio_pad|>"),
-        image_token_id=token("<|image_pad|>"),
-        video_token_id=token("<|video_pad|>"),
-        audio_start_token_id=token("<|audio_start|>"),
-        audio_end_token_id=token("<|audio_end|>"),
-        vision_start_token_id=token("<|vision_start|>"),
-        vision_end_token_id=token("<|vision_end|>"),
+        **thinker_token_settings(tokenizer),
     )
 
 

@@ -240,12 +240,17 @@ class Leases:
                 self._thread = threading.Thread(target=self._renew_loop, name="omniq-leases", daemon=True)
                 self._thread.start()
 
-    def release(self, job_id: str, unit: str, holder: str) -> None:
-        """Give a lease back (only if it is still ours); never raises."""
+    def _let_go(self, job_id: str, unit: str) -> str:
+        """Stop renewing a unit's lease; returns its key."""
         key = lease_key(job_id, unit)
         with self._lock:
             self._held.pop(key, None)
             self._units.pop(key, None)
+        return key
+
+    def release(self, job_id: str, unit: str, holder: str) -> None:
+        """Give a lease back (only if it is still ours); never raises."""
+        key = self._let_go(job_id, unit)
         try:
             self._release(keys=[key], args=[holder])
         except redis.exceptions.RedisError as error:
@@ -253,10 +258,7 @@ class Leases:
 
     def hand_back(self, job_id: str, unit: str, holder: str) -> None:
         """Give a unit back unstarted (its message turned out to have nothing to do here); never raises."""
-        key = lease_key(job_id, unit)
-        with self._lock:
-            self._held.pop(key, None)
-            self._units.pop(key, None)
+        key = self._let_go(job_id, unit)
         try:
             self._hand_back(keys=[key, JobState.key(job_id, "units")], args=[holder, unit])
         except redis.exceptions.RedisError as error:

@@ -211,8 +211,6 @@ class Watchdog:
     def resend_stranded(self, now: float, tasks: Any) -> set[tuple[str, str]]:
         """Send again the units whose message a dead worker fetched but never started (``workers.deliveries``);
         returns the (job id, unit) pairs sent."""
-        from pipeline.spec import JobSpec
-
         resent: set[tuple[str, str]] = set()
         for delivery in stale_deliveries(self.state.redis, now - self.settings.lease_seconds):
             unit = tasks.unit_of(delivery.task, delivery.kwargs)
@@ -227,20 +225,13 @@ class Watchdog:
             waiting = any(f"{unit}:{field}" in units for field in ("done", "started", "retry_at"))
             if waiting or not record.get("spec") or self.leases.holder_of(delivery.job_id, unit):
                 continue  # done, running, due to retry, or its state is being rebuilt: not stranded
-            spec = JobSpec.from_dict(json.loads(record["spec"]))
-            attempt = self.state.incr(delivery.job_id, "recovered")
-            tasks.publish_unit(spec, unit, delivery.kwargs.get("chunks"), suffix=f"-r{attempt}")
+            why = "its worker died before starting it"
+            self.resend(delivery.job_id, record, unit, delivery.kwargs.get("chunks"), "stranded", why, tasks)
             forget(self.state.redis, delivery.tag)
-            tasks.metrics.RECOVERED.labels(
-                queue=_kind(unit), model=str(spec.config.get("model")), reason="stranded"
-            ).inc()
-            log.warning("job %s: sent %s again (its worker died before starting it)", delivery.job_id, unit)
             resent.add((delivery.job_id, unit))
         return resent
 
     def apply(self, view: JobView, record: dict[str, str], action: Action, tasks: Any) -> str:
-        from pipeline.spec import JobSpec
-
         if action.kind == "abandon":
             stale = self.leases.holder_of(view.job_id, action.unit)  # '' if expired, else a dead local process
             deaths = self.leases.abandon(
@@ -253,16 +244,29 @@ class Watchdog:
             if action.fail_reason:
                 tasks.fail_job(view.job_id, action.fail_reason)
                 return "failed"
+        return self.resend(view.job_id, record, action.unit, action.chunks, action.kind, action.why, tasks)
+
+    def resend(
+        self,
+        job_id: str,
+        record: dict[str, str],
+        unit: str,
+        chunks: list[int] | None,
+        reason: str,
+        why: str,
+        tasks: Any,
+    ) -> str:
+        """Publish a unit again (counted in the job's ``recovered`` and the metrics under ``reason``)."""
+        from pipeline.spec import JobSpec
+
         if not record.get("spec"):
-            log.warning("job %s has no spec in Redis; cannot send %s again", view.job_id, action.unit)
+            log.warning("job %s has no spec in Redis; cannot send %s again", job_id, unit)
             return "skipped"
         spec = JobSpec.from_dict(json.loads(record["spec"]))
-        attempt = self.state.incr(view.job_id, "recovered")
-        tasks.publish_unit(spec, action.unit, action.chunks, suffix=f"-r{attempt}")
-        tasks.metrics.RECOVERED.labels(
-            queue=_kind(action.unit), model=str(spec.config.get("model")), reason=action.kind
-        ).inc()
-        log.warning("job %s: sent %s again (%s)", view.job_id, action.unit, action.why)
+        attempt = self.state.incr(job_id, "recovered")
+        tasks.publish_unit(spec, unit, chunks, suffix=f"-r{attempt}")
+        tasks.metrics.RECOVERED.labels(queue=_kind(unit), model=str(spec.config.get("model")), reason=reason).inc()
+        log.warning("job %s: sent %s again (%s)", job_id, unit, why)
         return "resent"
 
 

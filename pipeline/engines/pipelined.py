@@ -68,7 +68,6 @@ class PipelineStats:
     rows: int = 0
     prepare_s: float = 0.0  # processor + copy to the device, in the preparing thread
     model_s: float = 0.0  # generate, in the model thread
-    batch_sizes: list[int] = field(default_factory=list)
 
     @property
     def mean_batch(self) -> float:
@@ -200,7 +199,6 @@ class PipelinedEngine:
             self.stats.model_s += time.perf_counter() - started
             self.stats.batches += 1
             self.stats.rows += len(rows)
-            self.stats.batch_sizes.append(len(rows))
             for row, result in zip(rows, results, strict=True):
                 row.future.set_result(result)
 

@@ -248,16 +248,25 @@ def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeThinkerConfig:
         text_config=text_config,
         audio_config=audio_config,
         vision_config=vision_config,
-        position_id_per_seconds=POSITION_ID_PER_SECONDS,
-        audio_token_id=token_id("<|audio_pad|>"),
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        audio_start_token_id=token_id("<|audio_start|>"),
-        audio_end_token_id=token_id("<|audio_end|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        user_token_id=token_id("user") if "user" in tokenizer.get_vocab() else 0,
+        **thinker_token_settings(tokenizer),
     )
+
+
+def thinker_token_settings(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    """The thinker config's special-token ids (this tokenizer's) and audio/video position rate, which must
+    match the processor's; shared by any thinker built around this processor (``bench/gpu_throughput.py``)."""
+    token_id = tokenizer.convert_tokens_to_ids
+    return {
+        "position_id_per_seconds": POSITION_ID_PER_SECONDS,
+        "audio_token_id": token_id("<|audio_pad|>"),
+        "image_token_id": token_id("<|image_pad|>"),
+        "video_token_id": token_id("<|video_pad|>"),
+        "audio_start_token_id": token_id("<|audio_start|>"),
+        "audio_end_token_id": token_id("<|audio_end|>"),
+        "vision_start_token_id": token_id("<|vision_start|>"),
+        "vision_end_token_id": token_id("<|vision_end|>"),
+        "user_token_id": token_id("user") if "user" in tokenizer.get_vocab() else 0,
+    }
 
 
 def _init_weights(model: PreTrainedModel, seed: int) -> None:
