@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=4, ge=1, le=64)  # rows per generate call
     batch_max_media_tokens: int = Field(default=131_072, ge=1)  # audio + video tokens per generate call
     batch_gather_ms: float = Field(default=150.0, ge=0, le=2000)  # how long a row may wait for others to batch with
-    gpu_slots: int | None = Field(default=None, ge=1)  # messages a GPU worker works on at once (default 2 x batch)
+    gpu_slots: int | None = Field(default=None, ge=1)  # messages a GPU worker works on at once (default 4 x batch)
     attention: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2 | ...
     experts: str = "auto"  # MoE experts: auto (grouped_mm, batched_mm for decode on GPU) | grouped_mm | eager | ...
     language: str | None = None  # e.g. "English"; None lets the model detect it

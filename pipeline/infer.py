@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,26 +33,52 @@ LOAD_THREADS = 4  # chunk packs fetched and decoded at once by one call
 
 
 class ChunkBudget:
-    """How many chunks may be held decoded at once in this process (across all callers)."""
+    """How many chunks may be held decoded at once in this process (across all callers).
+
+    A chunk's place is taken before it is fetched and given back once its rows are prepared (their model inputs
+    now hold the data), so the next chunks are fetched while the model works: decoded chunks in memory are at
+    most this budget plus the rows of the batches prepared or generating.
+    """
 
     def __init__(self, chunks: int) -> None:
         self.total = max(1, chunks)
         self._free = self.total
         self._condition = threading.Condition()
 
-    @contextmanager
-    def reserve(self, chunks: int) -> Iterator[None]:
-        """Hold ``chunks`` places (at most the whole budget) while the block runs; waits for them all at once."""
+    def hold(self, chunks: int) -> Hold:
+        """Take ``chunks`` places (at most the whole budget), waiting for them all at once."""
         wanted = min(max(chunks, 0), self.total)
         with self._condition:
             self._condition.wait_for(lambda: self._free >= wanted)
             self._free -= wanted
+        return Hold(self, wanted)
+
+    @contextmanager
+    def reserve(self, chunks: int) -> Iterator[Hold]:
+        """Hold ``chunks`` places while the block runs (or until the hold is released early)."""
+        held = self.hold(chunks)
         try:
-            yield
+            yield held
         finally:
-            with self._condition:
-                self._free += wanted
-                self._condition.notify_all()
+            held.release()
+
+    def _give_back(self, chunks: int) -> None:
+        with self._condition:
+            self._free += chunks
+            self._condition.notify_all()
+
+
+class Hold:
+    """Places taken from a :class:`ChunkBudget`; :meth:`release` gives them back once (later calls do nothing)."""
+
+    def __init__(self, budget: ChunkBudget | None, chunks: int) -> None:
+        self._budget, self._chunks, self._lock = budget, chunks, threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give_back(self._chunks)
 
 
 @dataclass
@@ -125,7 +151,7 @@ def _infer_group(
     settings: Settings,
     budget: ChunkBudget | None,
 ) -> dict[int, ChunkResult]:
-    with budget.reserve(len(todo)) if budget else _nothing():
+    with budget.reserve(len(todo)) if budget else _nothing() as held:
         with ThreadPoolExecutor(min(len(todo), LOAD_THREADS), thread_name_prefix="omniq-load") as loaders:
             media = list(loaders.map(lambda index: load_chunk_media(storage, job_plan, index, settings), todo))
         results = {m.chunk.index: ChunkResult(m.chunk.index, m.chunk.start, m.chunk.end) for m in media}
@@ -142,7 +168,7 @@ def _infer_group(
                 )
                 requests.append((item.chunk.index, prompts.CAPTION, request))
         streams = {m.chunk.index: (m.frames is not None, m.audio is not None) for m in media}
-        _run(engine, requests, results, streams)
+        _run(engine, requests, results, streams, prepared=held.release)
         del media, requests  # the decoded frames and audio go before the text-only summaries
     summaries = [
         (
@@ -182,8 +208,8 @@ def infer_file(
 
 
 @contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def _nothing() -> Iterator[Hold]:
+    yield Hold(None, 0)
 
 
 def _run(
@@ -191,10 +217,19 @@ def _run(
     requests: list[tuple[int, str, GenerationRequest]],
     results: dict[int, ChunkResult],
     streams: dict[int, tuple[bool, bool]],
+    prepared: Callable[[], None] | None = None,
 ) -> None:
+    """Run ``requests`` and put the answers into ``results``; ``prepared`` is called once all of them have
+    been turned into model inputs (a pipelined engine does that before generating; others when done)."""
     if not requests:
         return
-    answers = engine.generate([request for _, _, request in requests])
+    from pipeline.engines.pipelined import PipelinedEngine
+
+    batch = [request for _, _, request in requests]
+    if isinstance(engine, PipelinedEngine):
+        answers = engine.generate(batch, prepared=prepared)
+    else:
+        answers = engine.generate(batch)
     for (index, kind, _), answer in zip(requests, answers, strict=True):
         result = results[index]
         result.new_tokens += answer.new_tokens

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError
@@ -84,6 +85,18 @@ def _start_again(code: int) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "workers.cli", *sys.argv[1:]])  # noqa: S606 - no shell
 
 
+def run_celery(app: Any, argv: list[str]) -> int:
+    """Run Celery's command line and return its exit status: what ``app.worker_main`` does, but that drops the
+    status, the only sign that Celery gave up (e.g. "Unrecoverable error" while Redis restarts)."""
+    from celery.bin.celery import celery as command
+
+    command.params[0].default = app
+    try:
+        return int(command.main(args=argv, standalone_mode=False) or 0)
+    finally:
+        command.params[0].default = None
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     queues = ("media", "gpu")
     if args.queue not in queues:
@@ -123,7 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["--pool", "prefork", "--concurrency", str(args.concurrency or os.cpu_count() or 1)]
     code = 0
     try:
-        app.worker_main(argv)
+        code = run_celery(app, argv)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     except Exception:  # Celery gave up (e.g. kombu failing while Redis restarts): start again below

@@ -127,8 +127,10 @@ def chunk_budget() -> job.ChunkBudget:
 
 
 def gpu_slots(config: Settings) -> int:
-    """How many messages a GPU worker works on at once: enough for two full batches of one-chunk messages."""
-    return config.gpu_slots or 2 * config.batch_size
+    """How many messages a GPU worker works on at once: twice the chunk budget of one-chunk messages, so that
+    the next ones are fetched and prepared while the model runs the last ones' rows (``bench_gpu_worker``:
+    with 2 x batch the model waited at each turn of the messages)."""
+    return config.gpu_slots or 4 * config.batch_size
 
 
 def _observe_batch(rows: int, new_tokens: int, seconds: float) -> None:

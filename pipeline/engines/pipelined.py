@@ -6,9 +6,10 @@ requests (same video fps and soundtrack use, same kind of output, similar length
 tokens), runs the processor on each, and puts it into a queue; the *model* thread takes batches from that
 queue and runs ``generate``. So the processor work for batch k+1 runs while batch k generates, and rows from
 different jobs share one ``generate`` call. A batch is formed only when there is room for it in the queue
-(at most ``ahead`` prepared batches wait, which keeps memory flat), so the rows that arrive while the model is
-busy fill the next batch instead of waiting behind a half-full one. An exception reaches the callers whose
-rows it concerns.
+(at most ``ahead`` prepared batches wait, which keeps memory flat), and one that is not full only when no
+prepared batch waits: the rows that arrive while the model is busy fill it instead of waiting behind a
+half-full one, and a cheap batch waiting never keeps the next expensive one from being prepared. An exception
+reaches the callers whose rows it concerns.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 AUDIO_TOKENS_PER_SECOND = 12.5  # Qwen3-Omni's audio encoder: 100 mel frames/s, downsampled 8x
 PATCH_PIXELS = 32 * 32  # a merged 2x2 group of 16-pixel patches is one token, per pair of frames
 _STOP = object()
+# formed batches without video (audio features, text: small) that may wait beside the ``ahead`` ones with video,
+# so that short cheap batches in the queue never keep the next expensive one from being prepared
+_EXTRA_LIGHT_BATCHES = 2
 
 
 def media_tokens(request: GenerationRequest, max_pixels: int) -> int:
@@ -57,6 +61,7 @@ class _Row:
     future: Future[GenerationResult]
     group: tuple[Any, ...]
     tokens: int
+    prepared: _Countdown | None = None
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -77,8 +82,9 @@ class PipelineStats:
 class PipelinedEngine:
     """The :class:`~pipeline.engines.base.Engine` protocol over an :class:`OmniEngine`, for many caller threads.
 
-    ``batch_rows`` and ``max_media_tokens`` cap a batch; a batch is started once it is full or its oldest row
-    has waited ``gather_seconds``; at most ``ahead`` prepared batches wait for the model.
+    ``batch_rows`` and ``max_media_tokens`` cap a batch; a batch is started once it is full, or once its oldest
+    row has waited ``gather_seconds`` and the model has nothing else waiting; at most ``ahead`` prepared
+    batches wait for the model.
     """
 
     def __init__(
@@ -101,9 +107,8 @@ class PipelinedEngine:
         self._pending: list[_Row] = []
         self._condition = threading.Condition()
         self._ready: queue.Queue[Any] = queue.Queue()
-        # places for prepared batches: a batch is formed only once there is room for it, so rows that arrive
-        # while the model is busy join the next batch instead of waiting in a half-full one
-        self._room = threading.Semaphore(max(1, ahead))
+        self.ahead = max(1, ahead)
+        self._waiting = [0, 0]  # batches formed and not yet taken by the model: [all, those with video]
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
@@ -115,15 +120,23 @@ class PipelinedEngine:
     def load(self) -> None:
         self.engine.load()
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Answer ``requests`` in order; they are batched with whatever other callers submit meanwhile."""
-        futures = [self.submit(request) for request in requests]
+    def generate(
+        self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
+    ) -> list[GenerationResult]:
+        """Answer ``requests`` in order; they are batched with whatever other callers submit meanwhile.
+
+        ``prepared`` is called (from the preparing thread) once every one of them has become model inputs or
+        failed: the caller may then let go of the media, e.g. fetch the next chunks while these generate.
+        """
+        countdown = _Countdown(len(requests), prepared) if prepared is not None else None
+        futures = [self.submit(request, countdown) for request in requests]
         return [future.result() for future in futures]
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+    def submit(self, request: GenerationRequest, prepared: _Countdown | None = None) -> Future[GenerationResult]:
         """Queue one request; its future gets the result (or the exception that stopped its batch)."""
         self._start()
         row = _Row(request, Future(), group_of(request, self.default_fps), media_tokens(request, self.max_pixels))
+        row.prepared = prepared
         with self._condition:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -158,7 +171,6 @@ class PipelinedEngine:
 
     def _prepare_loop(self) -> None:
         while True:
-            self._room.acquire()
             rows = self._next_batch()
             if rows is None:
                 self._ready.put(_STOP)
@@ -169,10 +181,12 @@ class PipelinedEngine:
                 encoded = self.engine.encode(requests)
             except BaseException as error:  # handed to the callers, who raise it
                 _fail(rows, error)
-                self._room.release()
+                _tell_prepared(rows)
+                self._taken(rows)
                 continue
             self.stats.prepare_s += time.perf_counter() - started
             self._ready.put((rows, encoded))  # at most ``ahead`` wait: memory stays flat
+            _tell_prepared(rows)
 
     def _model_loop(self) -> None:
         import torch
@@ -181,8 +195,8 @@ class PipelinedEngine:
             item = self._ready.get()
             if item is _STOP:
                 return
-            self._room.release()
             rows, encoded = item
+            self._taken(rows)
             requests = [row.request for row in rows]
             started = time.perf_counter()
             try:
@@ -205,7 +219,12 @@ class PipelinedEngine:
     # -- gathering ----------------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Row] | None:
-        """Wait for a full batch or for the oldest row's gather window to end; take one batch out of the pool."""
+        """Wait until a batch may be formed; take it out of the pool and count it as waiting for the model.
+
+        A full batch goes as soon as there is room for it (:meth:`_fits`); one that is not full only once its
+        oldest row has waited ``gather_seconds`` and no formed batch waits for the model (until then the model
+        has work, and rows that arrive meanwhile fill it).
+        """
         with self._condition:
             while True:
                 if not self._pending:
@@ -213,26 +232,44 @@ class PipelinedEngine:
                         return None
                     self._condition.wait()
                     continue
-                oldest = self._pending[0]
-                batch = self._full_batch() or self._fill(oldest)
-                waited = time.monotonic() - oldest.arrived
-                if self._is_full(batch) or waited >= self.gather_seconds or self._closed:
+                batch = self._full_batch()
+                waited = time.monotonic() - self._pending[0].arrived
+                if batch is None and self._waiting[0] == 0 and (waited >= self.gather_seconds or self._closed):
+                    batch = self._fill(self._pending[0])
+                if batch is not None:
                     taken = {id(row) for row in batch}
                     self._pending = [row for row in self._pending if id(row) not in taken]
+                    self._waiting[0] += 1
+                    self._waiting[1] += _has_video(batch)
                     return batch
-                self._condition.wait(timeout=self.gather_seconds - waited)
+                # woken by new rows, by the model taking a batch, or by the end of the window
+                self._condition.wait(timeout=self.gather_seconds - waited if waited < self.gather_seconds else None)
+
+    def _fits(self, batch: list[_Row]) -> bool:
+        """Room for one more formed batch: ``ahead`` with video (large inputs), a few more without."""
+        if self._waiting[0] >= self.ahead + _EXTRA_LIGHT_BATCHES:
+            return False
+        return not _has_video(batch) or self._waiting[1] < self.ahead
+
+    def _taken(self, rows: list[_Row]) -> None:
+        """A formed batch left the queue (the model took it, or it failed to prepare): room for another."""
+        with self._condition:
+            self._waiting[0] -= 1
+            self._waiting[1] -= _has_video(rows)
+            self._condition.notify_all()
 
     def _is_full(self, batch: list[_Row]) -> bool:
         return len(batch) >= self.batch_rows or sum(r.tokens for r in batch) >= self.max_media_tokens
 
     def _full_batch(self) -> list[_Row] | None:
-        """A full batch of any group (oldest group first), so one slow-to-fill group never holds up the rest."""
+        """A full batch of any group that has room (oldest group first), so one slow-to-fill group or one
+        kind of batch that waits for room never holds up the rest."""
         seen: set[tuple[Any, ...]] = set()
         for row in self._pending:
             if row.group not in seen:
                 seen.add(row.group)
                 batch = self._fill(row)
-                if self._is_full(batch):
+                if self._is_full(batch) and self._fits(batch):
                     return batch
         return None
 
@@ -250,6 +287,33 @@ class PipelinedEngine:
             tokens += row.tokens
         batch.sort(key=lambda r: r.arrived)
         return batch
+
+
+class _Countdown:
+    """Calls ``done`` once ``count`` rows have been prepared (or failed)."""
+
+    def __init__(self, count: int, done: Callable[[], None]) -> None:
+        self._left, self._done, self._lock = count, done, threading.Lock()
+        if count == 0:
+            done()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            self._done()
+
+
+def _has_video(rows: Sequence[_Row]) -> bool:
+    return any(row.request.video is not None for row in rows)
+
+
+def _tell_prepared(rows: Sequence[_Row]) -> None:
+    for row in rows:
+        if row.prepared is not None:
+            row.prepared.tick()
+            row.prepared = None
 
 
 def _fail(rows: Sequence[_Row], error: BaseException) -> None:

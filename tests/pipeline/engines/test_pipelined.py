@@ -157,3 +157,142 @@ def test_chunk_budget_is_taken_all_at_once_and_never_exceeded():
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(work, [3, 2, 4, 1, 9, 2, 3, 1]))  # 9 asks for more than the whole budget: it gets all 4
     assert peak[0] <= 4 and held[0] == 0
+
+
+class Gate:
+    """Holds the model's ``generate`` calls until opened, so a test can look at what was prepared meanwhile."""
+
+    def __init__(self, engine: OmniEngine) -> None:
+        self.open, self.started = threading.Event(), threading.Event()
+        run = engine.run_encoded
+
+        def gated(requests: Any, encoded: Any) -> Any:
+            self.started.set()
+            assert self.open.wait(timeout=60), "the gate was never opened"
+            return run(requests, encoded)
+
+        engine.run_encoded = gated  # type: ignore[method-assign]
+
+
+def wait_until(condition: Any, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_light_batch_waiting_never_holds_back_the_next_video_batch(tiny_cache_dir):
+    fed, recorder = pipelined(tiny_cache_dir, batch_size=2, batch_gather_ms=2000.0)
+    gate = Gate(fed.engine)
+    video = [caption_request(frames(4, 64, 64, seed=i), max_new_tokens=4) for i in range(6)]
+    audio = [transcript_request(tone(1.0 + i), max_new_tokens=4) for i in range(2)]
+    pool = ThreadPoolExecutor(10)
+    try:
+        futures = [pool.submit(fed.generate, [r]) for r in video[:2]]  # a full batch: the model takes it
+        assert gate.started.wait(timeout=60)
+        futures += [pool.submit(fed.generate, [r]) for r in audio]  # a full batch of light rows, older ...
+        assert wait_until(lambda: len(recorder.batches("encode")) == 2)
+        futures += [pool.submit(fed.generate, [r]) for r in video[2:4]]  # ... than the next video batch
+        # the light batch waits for the model, yet the next video batch is prepared beside it
+        assert wait_until(lambda: len(recorder.batches("encode")) == 3)
+        futures += [pool.submit(fed.generate, [r]) for r in video[4:]]
+        time.sleep(0.5)  # a third video batch is full, but one with video already waits: it is not prepared
+        kinds = [batch[0].kind for batch in recorder.batches("encode")]
+        assert kinds == ["caption", "transcript", "caption"] and recorder.batches("run") == []
+        gate.open.set()
+        assert all(f.result(timeout=60)[0].new_tokens > 0 for f in futures)
+    finally:
+        gate.open.set()
+        pool.shutdown()
+        fed.close()
+    assert sorted(len(b) for b in recorder.batches()) == [2, 2, 2, 2]
+
+
+def test_a_batch_that_is_not_full_keeps_gathering_while_another_waits_for_the_model(tiny_cache_dir):
+    fed, recorder = pipelined(tiny_cache_dir, batch_size=2, batch_gather_ms=100.0)
+    gate = Gate(fed.engine)
+    pool = ThreadPoolExecutor(6)
+    try:
+        futures = [pool.submit(fed.generate, [transcript_request(tone(1.0), max_new_tokens=4)]) for _ in range(2)]
+        assert gate.started.wait(timeout=60)  # the model is busy with the first batch
+        futures += [pool.submit(fed.generate, [summary_request(f"talk {i}", max_new_tokens=4)]) for i in range(2)]
+        assert wait_until(lambda: len(recorder.batches("encode")) == 2)  # formed, waiting for the model
+        late = [pool.submit(fed.generate, [summary_request("a late row", max_new_tokens=4)])]
+        time.sleep(0.5)  # well past its 100 ms window, but a batch already waits for the model: it gathers
+        assert len(recorder.batches("encode")) == 2
+        late.append(pool.submit(fed.generate, [summary_request("another late row", max_new_tokens=4)]))
+        gate.open.set()
+        assert all(f.result(timeout=60)[0].new_tokens > 0 for f in futures + late)
+    finally:
+        gate.open.set()
+        pool.shutdown()
+        fed.close()
+    assert [len(b) for b in recorder.batches()] == [2, 2, 2]  # the late rows went together
+
+
+def test_callers_hear_when_their_rows_are_prepared_before_they_generate(tiny_cache_dir):
+    fed, _ = pipelined(tiny_cache_dir, batch_size=2, batch_gather_ms=50.0)
+    gate = Gate(fed.engine)
+    prepared = threading.Event()
+    caller = ThreadPoolExecutor(1)
+    try:
+        rows = [transcript_request(tone(1.0), max_new_tokens=4), transcript_request(tone(2.0), max_new_tokens=4)]
+        answer = caller.submit(fed.generate, rows, prepared=prepared.set)
+        assert prepared.wait(timeout=60) and gate.started.is_set() and not answer.done()
+        gate.open.set()
+        assert len(answer.result(timeout=60)) == 2
+    finally:
+        gate.open.set()  # before waiting for the caller, which may be held by the gate
+        caller.shutdown()
+        fed.close()
+
+
+def test_a_hold_on_the_chunk_budget_is_given_back_once():
+    budget = ChunkBudget(4)
+    held = budget.hold(3)
+    held.release()
+    held.release()  # a second release gives nothing back twice
+    everything = budget.hold(4)
+    with ThreadPoolExecutor(1) as other:
+        more = other.submit(budget.hold, 1)
+        time.sleep(0.2)
+        assert not more.done()  # the budget is 4, not 7
+        everything.release()
+        more.result(timeout=10).release()
+
+
+def test_the_next_message_loads_while_the_previous_one_generates(tiny_cache_dir, tmp_path, monkeypatch):
+    from pipeline import infer, job
+    from pipeline.media.sample import make_sample
+    from pipeline.storage import LocalStorage
+
+    settings = tiny_settings(tiny_cache_dir, frame_max_pixels=64 * 64, fps=1.0, batch_gather_ms=50.0)
+    storage = LocalStorage(tmp_path / "store")
+    plans = [
+        job.ingest(
+            job.make_spec(str(make_sample(tmp_path / f"c{i}.mp4", 2.0, size="96x64")), settings), settings, storage
+        )
+        for i in range(2)
+    ]
+    loads: list[float] = []
+    load = infer.load_chunk_media
+    monkeypatch.setattr(infer, "load_chunk_media", lambda *a, **k: loads.append(time.monotonic()) or load(*a, **k))
+    fed, _ = pipelined(tiny_cache_dir, batch_gather_ms=50.0)
+    gate = Gate(fed.engine)
+    budget = ChunkBudget(1)  # one chunk decoded at a time
+    messages = ThreadPoolExecutor(2)
+    try:
+        first = messages.submit(infer.infer_chunks, plans[0], [0], fed, storage, settings, budget)
+        assert gate.started.wait(timeout=60)
+        second = messages.submit(infer.infer_chunks, plans[1], [0], fed, storage, settings, budget)
+        # the first chunk's rows are prepared, so its place in the budget is free while they generate
+        assert wait_until(lambda: len(loads) == 2), loads
+        assert not first.done()
+        gate.open.set()
+        assert first.result(timeout=60)[0].transcript is not None and second.result(timeout=60)
+    finally:
+        gate.open.set()  # before waiting for the messages, which may be held by the gate
+        messages.shutdown()
+        fed.close()
