@@ -240,7 +240,7 @@ def test_callers_hear_when_their_rows_are_prepared_before_they_generate(tiny_cac
     try:
         rows = [transcript_request(tone(1.0), max_new_tokens=4), transcript_request(tone(2.0), max_new_tokens=4)]
         answer = caller.submit(fed.generate, rows, prepared=prepared.set)
-        assert prepared.wait(timeout=60) and gate.started.is_set() and not answer.done()
+        assert prepared.wait(timeout=60) and gate.started.wait(timeout=60) and not answer.done()
         gate.open.set()
         assert len(answer.result(timeout=60)) == 2
     finally:
@@ -268,7 +268,8 @@ def test_the_next_message_loads_while_the_previous_one_generates(tiny_cache_dir,
     from pipeline.media.sample import make_sample
     from pipeline.storage import LocalStorage
 
-    settings = tiny_settings(tiny_cache_dir, frame_max_pixels=64 * 64, fps=1.0, batch_gather_ms=50.0)
+    # the language is given: detecting it would hold the first message's chunk at the gate too
+    settings = tiny_settings(tiny_cache_dir, frame_max_pixels=64 * 64, fps=1.0, batch_gather_ms=50.0, language="en")
     storage = LocalStorage(tmp_path / "store")
     plans = [
         job.ingest(
