@@ -1,4 +1,5 @@
-"""Chunk results → the public result files: transcript JSON/SRT/VTT/TXT, captions, summary.
+"""Chunk results → the public result files: transcript JSON (one segment per utterance) and its subtitle cues as
+SRT/VTT/TXT (``pipeline.cues``), captions, summary.
 
 Pure functions of their inputs; the job module writes what they return.
 """
@@ -6,11 +7,10 @@ Pure functions of their inputs; the job module writes what they return.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SEGMENT_MAX_SECONDS = 30.0  # Qwen3-Omni gives no timestamps: longer chunk texts are split evenly
+from pipeline.cues import Cue, TimedText
 
 
 @dataclass
@@ -24,6 +24,7 @@ class ChunkResult:
     visual: str = ""
     audio: str = ""
     summary: str = ""
+    segments: list[dict[str, Any]] = field(default_factory=list)  # per utterance: start, end (file times), text
     new_tokens: int = 0
     model_seconds: float = 0.0  # this chunk's share of its batches' generate time
     prepare_seconds: float = 0.0  # fetching and decoding it, plus its share of the processor's time
@@ -37,11 +38,7 @@ class ChunkResult:
         return cls(**data)
 
 
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
+Segment = TimedText  # one utterance of the transcript: {start, end, text}
 
 
 def clean_text(text: str) -> str:
@@ -49,27 +46,19 @@ def clean_text(text: str) -> str:
     return " ".join(text.replace("-->", "->").split())
 
 
-def transcript_segments(chunks: list[ChunkResult], max_seconds: float = SEGMENT_MAX_SECONDS) -> list[Segment]:
-    """One segment per chunk with speech, split into pieces of at most ``max_seconds``.
+def transcript_segments(chunks: list[ChunkResult]) -> list[Segment]:
+    """One segment per utterance with text, in time order; its times are the utterance's (speech detection).
 
-    Times come from chunk boundaries (the model gives none); a long chunk's words are spread
-    evenly over equal sub-spans.
+    A chunk result without segments (written by a version before speech detection) gives one segment over its
+    chunk's span.
     """
     segments: list[Segment] = []
     for chunk in sorted(chunks, key=lambda c: c.index):
-        text = clean_text(chunk.transcript)
-        if not text:
-            continue
-        duration = chunk.end - chunk.start
-        pieces = max(1, math.ceil(duration / max_seconds - 1e-9))
-        words = text.split(" ")
-        pieces = min(pieces, len(words))
-        for piece in range(pieces):
-            first = len(words) * piece // pieces
-            last = len(words) * (piece + 1) // pieces
-            start = chunk.start + duration * piece / pieces
-            end = chunk.start + duration * (piece + 1) / pieces
-            segments.append(Segment(round(start, 3), round(end, 3), " ".join(words[first:last])))
+        spans = chunk.segments or [{"start": chunk.start, "end": chunk.end, "text": chunk.transcript}]
+        for span in spans:
+            text = clean_text(span["text"])
+            if text:
+                segments.append(Segment(round(float(span["start"]), 3), round(float(span["end"]), 3), text))
     return segments
 
 
@@ -81,21 +70,26 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
-def to_srt(segments: list[Segment]) -> str:
-    cues = [
-        f"{number}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text}\n"
-        for number, s in enumerate(segments, start=1)
+def to_srt(cues: list[Cue]) -> str:
+    blocks = [
+        f"{number}\n{_clock(c.start, ',')} --> {_clock(c.end, ',')}\n{_cue_text(c)}\n"
+        for number, c in enumerate(cues, start=1)
     ]
-    return "\n".join(cues)
+    return "\n".join(blocks)
 
 
-def to_vtt(segments: list[Segment]) -> str:
-    cues = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text}\n" for s in segments]
-    return "WEBVTT\n\n" + "\n".join(cues)
+def to_vtt(cues: list[Cue]) -> str:
+    blocks = [f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{_cue_text(c)}\n" for c in cues]
+    return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def to_txt(segments: list[Segment]) -> str:
-    return "".join(f"[{_clock(s.start, '.')}] {s.text}\n" for s in segments)
+def to_txt(cues: list[Cue]) -> str:
+    """One line per cue: its start and its text."""
+    return "".join(f"[{_clock(c.start, '.')}] {' '.join(c.lines)}\n" for c in cues)
+
+
+def _cue_text(cue: Cue) -> str:
+    return "\n".join(cue.lines)  # made from cleaned segments: no blank lines, no cue arrows
 
 
 def transcript_doc(segments: list[Segment], language: str | None) -> dict[str, Any]:

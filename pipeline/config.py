@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     gpu_slots: int | None = Field(default=None, ge=1)  # messages a GPU worker works on at once (default 4 x batch)
     attention: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2 | ...
     experts: str = "auto"  # MoE experts: auto (grouped_mm, batched_mm for decode on GPU) | grouped_mm | eager | ...
-    language: str | None = None  # e.g. "English"; None lets the model detect it
+    language: str | None = None  # ISO 639-1 code or English name ("en", "English"); None: detected per file
     transcript_max_new_tokens: int = Field(default=256, ge=1)
     caption_max_new_tokens: int = Field(default=128, ge=1)
     summary_max_new_tokens: int = Field(default=192, ge=1)
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     silence_search_seconds: float = Field(default=3.0, ge=0)  # how far a boundary may move to silence
     silence_noise_db: float = -35.0
     silence_min_seconds: float = Field(default=0.3, gt=0)
+    # Speech (README "Transcripts and subtitles"): Silero VAD at ingest; one transcript row per utterance
+    vad_threshold: float = Field(default=0.5, gt=0, lt=1)  # speech probability above which a window is speech
+    utterance_merge_seconds: float = Field(default=0.3, ge=0, le=2)  # speech closer than this is one utterance
+    utterance_max_seconds: float = Field(default=10.0, ge=2, le=30)  # longer runs split at their quietest point
     fps: float = Field(default=2.0, gt=0, le=30)
     frame_max_pixels: int = Field(default=448 * 448, ge=32 * 32)
     max_file_bytes: int = Field(default=50 * 1024**3, gt=0)
@@ -93,8 +97,29 @@ class Settings(BaseSettings):
 
     @field_validator("language")
     @classmethod
-    def _empty_language_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    def _language_code(cls, value: str | None) -> str | None:
+        """Empty means detect; otherwise a known language, stored as its ISO 639-1 code."""
+        if not value or not value.strip():
+            return None
+        from pipeline.languages import code_of
+
+        code = code_of(value)
+        if code is None:
+            raise ValueError(
+                f"language {value!r} is not one omniq knows: give an ISO 639-1 code (e.g. 'en', 'de', 'zh') or an "
+                "English language name (e.g. 'English'), or leave it unset to detect the language of each file"
+            )
+        return code
+
+    def speech_options(self):  # type: ignore[no-untyped-def]
+        """How speech spans become utterances (``pipeline.media.speech``)."""
+        from pipeline.media.speech import SpeechOptions
+
+        return SpeechOptions(
+            threshold=self.vad_threshold,
+            merge_seconds=self.utterance_merge_seconds,
+            max_utterance_seconds=self.utterance_max_seconds,
+        )
 
     def media_extension_set(self) -> frozenset[str]:
         """Lower-case extensions, each with its leading dot."""
@@ -114,6 +139,9 @@ class Settings(BaseSettings):
             "silence_search_seconds": self.silence_search_seconds,
             "silence_noise_db": self.silence_noise_db,
             "silence_min_seconds": self.silence_min_seconds,
+            "vad_threshold": self.vad_threshold,
+            "utterance_merge_seconds": self.utterance_merge_seconds,
+            "utterance_max_seconds": self.utterance_max_seconds,
             "fps": self.fps,
             "frame_max_pixels": self.frame_max_pixels,
             "transcript_max_new_tokens": self.transcript_max_new_tokens,

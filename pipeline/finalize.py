@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, assemble, prompts, viewer
+from pipeline import __version__, assemble, cues, prompts, viewer
 from pipeline.assemble import ChunkResult
 from pipeline.config import Settings, config_hash_of
 from pipeline.errors import SourceNotFound
@@ -76,11 +76,13 @@ def finalize(
     ]
     summary = get_json(storage, f"{work_prefix(spec.job_id)}/summary.json")
     segments = assemble.transcript_segments(chunks)
+    subtitles = cues.build_cues(segments)
+    language = settings.language or _detected_language(storage, spec.job_id)
     documents: dict[str, bytes] = {
-        "transcript.json": assemble.dumps(assemble.transcript_doc(segments, settings.language)),
-        "transcript.srt": assemble.to_srt(segments).encode(),
-        "transcript.vtt": assemble.to_vtt(segments).encode(),
-        "transcript.txt": assemble.to_txt(segments).encode(),
+        "transcript.json": assemble.dumps(assemble.transcript_doc(segments, language)),
+        "transcript.srt": assemble.to_srt(subtitles).encode(),
+        "transcript.vtt": assemble.to_vtt(subtitles).encode(),
+        "transcript.txt": assemble.to_txt(subtitles).encode(),
         "captions.json": assemble.dumps(assemble.captions_doc(chunks)),
         "summary.json": assemble.dumps(assemble.summary_doc(summary["summary"], chunks)),
     }
@@ -98,6 +100,10 @@ def finalize(
         "model": summary.get("model", spec.config.get("model")),
         "random_weights": bool(summary.get("random_weights")),
         "media": job_plan.info.to_dict(),
+        "language": language,
+        "speech_s": round(sum(b - a for a, b in job_plan.speech or []), 3),
+        "segments": len(segments),
+        "cues": len(subtitles),
         "timings": all_timings,
         "tokens": sum(c.new_tokens for c in chunks),
         "error": None,
@@ -113,6 +119,12 @@ def finalize(
     if not settings.keep_work:
         storage.delete_prefix(work_prefix(spec.job_id))
     return manifest
+
+
+def _detected_language(storage: Storage, job_id: str) -> str | None:
+    """The language the GPU step detected (``infer.file_language``); None when it found no speech."""
+    key = f"{work_prefix(job_id)}/language.json"
+    return get_json(storage, key).get("language") if storage.exists(key) else None
 
 
 def _first_frames(storage: Storage, job_plan: JobPlan) -> dict[int, bytes]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,16 +20,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import prompts
+from pipeline import languages, prompts
 from pipeline.assemble import ChunkResult
 from pipeline.config import Settings
 from pipeline.engines.base import Engine, GenerationRequest
-from pipeline.media import extract, pack
+from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
 from pipeline.spec import JobPlan, chunk_prefix, get_json, pack_key, put_json, work_prefix
 from pipeline.storage import Storage
 
 LOAD_THREADS = 4  # chunk packs fetched and decoded at once by one call
+Row = tuple[int, str, GenerationRequest, tuple[float, float] | None]  # chunk, kind, request, utterance span
 
 
 class ChunkBudget:
@@ -85,9 +86,15 @@ class Hold:
 class ChunkMedia:
     chunk: Chunk
     frames: np.ndarray | None  # uint8 (T, H, W, 3)
-    audio: np.ndarray | None  # float32 at 16 kHz
-    silent: bool
+    audio: np.ndarray | None  # float32 at 16 kHz, from ``chunk.media_start``
+    utterances: list[tuple[float, float]]  # the speech in this chunk (file times), one transcript row each
     seconds: float = 0.0  # fetching and decoding it
+
+    def clip(self, start: float, end: float) -> np.ndarray:
+        """The audio of ``[start, end]`` (file times)."""
+        assert self.audio is not None
+        first = max(0, round((start - self.chunk.media_start) * extract.SAMPLE_RATE))
+        return self.audio[first : max(first, round((end - self.chunk.media_start) * extract.SAMPLE_RATE))]
 
 
 def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: Settings) -> ChunkMedia:
@@ -106,13 +113,46 @@ def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: 
             images.append(images[0])
         frames = np.stack(images)
     audio = None
-    silent = True
+    utterances: list[tuple[float, float]] = []
     if contents.audio is not None and contents.audio.size:
         audio = contents.audio.astype(np.float32) / 32768.0
-        quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
-        covered = sum(end - start for start, end in quiet)
-        silent = covered >= 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05
-    return ChunkMedia(chunk, frames, audio, silent, time.perf_counter() - started)
+        if job_plan.speech is not None:
+            utterances = speech.within([(a, b) for a, b in job_plan.speech], chunk.start, chunk.end)
+        else:  # planned before speech detection (a job from an older version): the chunk, unless quiet
+            quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
+            if sum(end - start for start, end in quiet) < 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05:
+                utterances = [(chunk.start, chunk.end)]
+    return ChunkMedia(chunk, frames, audio, utterances, time.perf_counter() - started)
+
+
+LANGUAGE_PROBE_SECONDS = 10.0  # how much of a file's first speech the language question hears
+
+
+def file_language(
+    job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings, loaded: Sequence[ChunkMedia] = ()
+) -> str | None:
+    """The file's language (ISO 639-1): the configured one, or the one detected once from its first speech
+    (stored at ``work/<job>/language.json``, so later units and finalize reuse it); None without speech or
+    when the model's answer names no language."""
+    if settings.language:
+        return settings.language
+    key = f"{work_prefix(job_plan.spec.job_id)}/language.json"
+    if storage.exists(key):
+        return get_json(storage, key).get("language")
+    if not job_plan.speech:
+        return None
+    start, end = job_plan.speech[0]
+    chunk = next((c for c in job_plan.chunks if c.start <= start < c.end), job_plan.chunks[-1])
+    media = next((m for m in loaded if m.chunk.index == chunk.index), None)
+    if media is None:
+        media = load_chunk_media(storage, job_plan, chunk.index, settings)
+    if media.audio is None:
+        return None
+    heard = media.clip(start, min(end, chunk.end, start + LANGUAGE_PROBE_SECONDS))
+    answer = engine.generate([prompts.language_request(heard)])[0]
+    code = languages.parse_answer(answer.text)
+    put_json(storage, key, {"language": code, "answer": answer.text.strip(), "heard": [start, end]})
+    return code
 
 
 def infer_chunks(
@@ -157,26 +197,30 @@ def _infer_group(
         results = {m.chunk.index: ChunkResult(m.chunk.index, m.chunk.start, m.chunk.end) for m in media}
         for item in media:
             results[item.chunk.index].prepare_seconds += item.seconds
-        requests: list[tuple[int, str, GenerationRequest]] = []
+        speaks = any(m.utterances for m in media)
+        language = file_language(job_plan, engine, storage, settings, media) if speaks else None
+        requests: list[Row] = []
         for item in media:
-            if item.audio is not None and not item.silent:
-                request = prompts.transcript_request(item.audio, settings.language, settings.transcript_max_new_tokens)
-                requests.append((item.chunk.index, prompts.TRANSCRIPT, request))
+            for start, end in item.utterances:  # one row per utterance: its segment has the speech's times
+                tokens = prompts.transcript_tokens(end - start, settings.transcript_max_new_tokens)
+                request = prompts.transcript_request(item.clip(start, end), language, tokens)
+                requests.append((item.chunk.index, prompts.TRANSCRIPT, request, (start, end)))
             if item.frames is not None or item.audio is not None:
                 request = prompts.caption_request(
                     item.frames, job_plan.fps, item.audio, settings.caption_max_new_tokens
                 )
-                requests.append((item.chunk.index, prompts.CAPTION, request))
+                requests.append((item.chunk.index, prompts.CAPTION, request, None))
         streams = {m.chunk.index: (m.frames is not None, m.audio is not None) for m in media}
         _run(engine, requests, results, streams, prepared=held.release)
         del media, requests  # the decoded frames and audio go before the text-only summaries
-    summaries = [
+    summaries: list[Row] = [
         (
             index,
             prompts.CHUNK_SUMMARY,
             prompts.chunk_summary_request(
                 r.start, r.end, r.transcript, r.visual, r.audio, settings.summary_max_new_tokens
             ),
+            None,
         )
         for index, r in results.items()
     ]
@@ -200,6 +244,7 @@ def infer_file(
     size = settings.batch_size
     groups = [indices[first : first + size] for first in range(0, len(indices), size)]
     if isinstance(engine, PipelinedEngine) and len(groups) > 1:
+        file_language(job_plan, engine, storage, settings)  # once, before two groups could ask at the same time
         with ThreadPoolExecutor(2, thread_name_prefix="omniq-group") as runners:
             list(runners.map(lambda group: infer_chunks(job_plan, group, engine, storage, settings, budget), groups))
     else:
@@ -214,7 +259,7 @@ def _nothing() -> Iterator[Hold]:
 
 def _run(
     engine: Engine,
-    requests: list[tuple[int, str, GenerationRequest]],
+    requests: list[Row],
     results: dict[int, ChunkResult],
     streams: dict[int, tuple[bool, bool]],
     prepared: Callable[[], None] | None = None,
@@ -225,19 +270,20 @@ def _run(
         return
     from pipeline.engines.pipelined import PipelinedEngine
 
-    batch = [request for _, _, request in requests]
+    batch = [request for _, _, request, _ in requests]
     if isinstance(engine, PipelinedEngine):
         answers = engine.generate(batch, prepared=prepared)
     else:
         answers = engine.generate(batch)
-    for (index, kind, _), answer in zip(requests, answers, strict=True):
+    for (index, kind, _, span), answer in zip(requests, answers, strict=True):
         result = results[index]
         result.new_tokens += answer.new_tokens
         share = max(answer.batch_size, 1)
         result.model_seconds += answer.seconds / share
         result.prepare_seconds += answer.prepare_seconds / share
-        if kind == prompts.TRANSCRIPT:
-            result.transcript = answer.text.strip()
+        if kind == prompts.TRANSCRIPT and span is not None:
+            result.segments.append({"start": span[0], "end": span[1], "text": answer.text.strip()})
+            result.transcript = " ".join(s["text"] for s in result.segments if s["text"])
         elif kind == prompts.CAPTION:
             result.visual, result.audio = prompts.parse_caption(answer.text, *streams[index])
         else:

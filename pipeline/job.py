@@ -35,7 +35,7 @@ from pipeline.finalize import (
     write_failure,
 )
 from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
-from pipeline.media import extract, pack, plan
+from pipeline.media import extract, pack, plan, speech
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import check_limits, probe_media
 from pipeline.sources import fetch_source
@@ -106,7 +106,15 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
             spec.source,
         )
         samples = media.audio()
-        silences = extract.detect_silences(samples, settings.silence_noise_db, settings.silence_min_seconds)
+        vad_started = time.monotonic()
+        options = settings.speech_options()
+        spans = speech.detect_speech(samples, options) if len(samples) else []
+        utterances = speech.utterances(spans, samples, info.duration_s, options)
+        vad_seconds = time.monotonic() - vad_started
+        if utterances:  # boundaries between utterances
+            silences = speech.gaps_between(utterances, info.duration_s)
+        else:  # no speech (music, tones, silence): boundaries at the quiet, by level
+            silences = extract.detect_silences(samples, settings.silence_noise_db, settings.silence_min_seconds)
         chunks = plan.plan_chunks(
             info.duration_s,
             settings.chunk_seconds,
@@ -115,8 +123,14 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
             settings.chunk_overlap_seconds,
         )
         frame_shape = store_chunk_packs(storage, spec.job_id, chunks, media, samples, settings.fps)
-        timings = {"ingest_s": round(time.monotonic() - started, 3), "ffmpeg_s": round(media.seconds, 3)}
-        job_plan = JobPlan(spec, info, chunks, settings.fps, frame_shape, timings)
+        timings = {
+            "ingest_s": round(time.monotonic() - started, 3),
+            "ffmpeg_s": round(media.seconds, 3),
+            "vad_s": round(vad_seconds, 3),
+        }
+        job_plan = JobPlan(
+            spec, info, chunks, settings.fps, frame_shape, timings, speech=[[a, b] for a, b in utterances]
+        )
     put_json(storage, plan_key, job_plan.to_dict())
     return job_plan
 

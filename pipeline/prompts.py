@@ -7,17 +7,22 @@ ASR recipe; decoding is greedy (see the engine).
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 
+from pipeline import languages
 from pipeline.engines.base import GenerationRequest
 
-PROMPT_VERSION = "2026-11-29.1"
+PROMPT_VERSION = "2026-12-01.1"
 
 TRANSCRIPT = "transcript"
 CAPTION = "caption"
 CHUNK_SUMMARY = "chunk_summary"
+LANGUAGE = "language"
+TOKENS_PER_SECOND = 8.0  # a transcript row may write this many tokens per second of speech (fast speech: ~5) ...
+TOKEN_MARGIN = 16  # ... plus this many
 FILE_SUMMARY = "file_summary"
 
 
@@ -26,10 +31,26 @@ def _user(content: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def transcript_request(audio: np.ndarray, language: str | None, max_new_tokens: int) -> GenerationRequest:
-    """ASR on one chunk's audio: "Transcribe the <language> audio into text."."""
-    instruction = f"Transcribe the {language} audio into text." if language else "Transcribe the audio into text."
+    """ASR on one utterance: "Transcribe the <language> audio into text." (``language``: an ISO 639-1 code)."""
+    name = languages.name_of(language) if language else None
+    instruction = f"Transcribe the {name} audio into text." if name else "Transcribe the audio into text."
     messages = _user([{"type": "audio"}, {"type": "text", "text": instruction}])
     return GenerationRequest(kind=TRANSCRIPT, messages=messages, audio=audio, max_new_tokens=max_new_tokens)
+
+
+def transcript_tokens(seconds: float, ceiling: int) -> int:
+    """``max_new_tokens`` for an utterance of ``seconds``: a generous speech rate plus a margin, so a model
+    cannot ramble for hundreds of tokens over two seconds of speech (never above the configured ceiling)."""
+    return max(1, min(ceiling, math.ceil(seconds * TOKENS_PER_SECOND) + TOKEN_MARGIN))
+
+
+LANGUAGE_INSTRUCTION = "Which language is spoken in this audio? Answer with its ISO 639-1 code only, for example: en."
+
+
+def language_request(audio: np.ndarray) -> GenerationRequest:
+    """Which language a file's first speech is in; the answer is read by ``languages.parse_answer``."""
+    messages = _user([{"type": "audio"}, {"type": "text", "text": LANGUAGE_INSTRUCTION}])
+    return GenerationRequest(kind=LANGUAGE, messages=messages, audio=audio, max_new_tokens=8)
 
 
 CAPTION_INSTRUCTION_AV = (

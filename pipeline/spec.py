@@ -47,6 +47,8 @@ class JobPlan:
     fps: float
     frame_shape: list[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # the file's utterances, [start, end] in seconds (speech detection at ingest); None: planned before it
+    speech: list[list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class JobPlan:
             "fps": self.fps,
             "frame_shape": self.frame_shape,
             "timings": self.timings,
+            "speech": self.speech,
         }
 
     @classmethod
@@ -67,6 +70,7 @@ class JobPlan:
             float(data["fps"]),
             data.get("frame_shape"),
             dict(data.get("timings", {})),
+            data.get("speech"),
         )
 
 

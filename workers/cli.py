@@ -242,7 +242,9 @@ def redacted(url: str) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     from pipeline.media.sample import make_sample
 
-    path = make_sample(Path(args.path), args.duration, video=not args.audio_only, audio=not args.video_only)
+    path = make_sample(
+        Path(args.path), args.duration, video=not args.audio_only, audio=not args.video_only, sound=args.sound
+    )
     print(path)
     return 0
 
@@ -296,9 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_trigger_commands(commands)
     add_view_commands(commands)
 
-    sample = commands.add_parser("sample", help="write a generated sample file (test pattern, tones, silences)")
+    sample = commands.add_parser("sample", help="write a generated sample file (test pattern, speech, silences)")
     sample.add_argument("path")
-    sample.add_argument("--duration", type=float, default=20.0)
+    sample.add_argument("--duration", type=float, default=20.0, help="seconds (default 20)")
+    sample.add_argument(
+        "--sound",
+        choices=("speech", "tone"),
+        default="speech",
+        help="a spoken sentence (espeak-ng) or a 440 Hz tone every 5 s, then silence (default speech)",
+    )
     only = sample.add_mutually_exclusive_group()
     only.add_argument("--audio-only", action="store_true")
     only.add_argument("--video-only", action="store_true")
@@ -311,7 +319,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-seconds", type=float, dest="chunk_seconds", help="chunk length (default 30)")
     parser.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="chunks per generate call")
-    parser.add_argument("--language", help="spoken language, e.g. English (default: detect)")
+    parser.add_argument(
+        "--language", help="spoken language: ISO 639-1 code or English name, e.g. en, English (default: detect)"
+    )
 
 
 # Exit statuses of every command (README, "Exit statuses").

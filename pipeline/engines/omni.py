@@ -392,11 +392,24 @@ class OmniEngine:
         return results
 
 
+HOP = 160  # the Whisper feature extractor's hop: one mel frame per 10 ms
+
+
 def _as_audio(audio: np.ndarray) -> np.ndarray:
+    """Mono float32 samples, cut to whole mel frames (at most 10 ms lost).
+
+    Whisper's feature extractor counts a clip's frames as ``len // hop`` when the clip is alone and as
+    ``ceil(len / hop)`` when it is padded beside a longer one: one more (padding) frame in the input, and an
+    answer that depends on what the clip was batched with. Whole frames count the same either way. (The last
+    frame's 25 ms window still sees the signal reflected when alone and the batch's zeros when padded: a
+    float-level difference, like the others batching brings.)
+    """
     array = np.asarray(audio, dtype=np.float32)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"audio must be non-empty mono float32 samples at {SAMPLE_RATE} Hz, got shape {array.shape}")
-    return array
+    if array.ndim != 1 or array.size < HOP:
+        raise ValueError(
+            f"audio must be mono float32 samples at {SAMPLE_RATE} Hz, at least {HOP} of them, got shape {array.shape}"
+        )
+    return array[: array.size - array.size % HOP]
 
 
 def _as_video(video: np.ndarray) -> np.ndarray:

@@ -42,8 +42,9 @@ def test_sixteen_one_chunk_files_run_in_full_batches(s3_server, tiny_cache_dir, 
         samples = _scrape(port)
         rows = _value(samples, "omniq_batch_size_sum", queue="gpu", model="tiny")
         calls = _value(samples, "omniq_batch_size_count", queue="gpu", model="tiny")
-        # 16 transcript, 16 caption and 16 chunk-summary rows; a one-chunk file needs no second summary call
-        assert rows == 48, samples
+        # 16 language, 16 transcript (each clip speaks one sentence), 16 caption and 16 chunk-summary rows; a
+        # one-chunk file needs no second summary call
+        assert rows == 64, samples
         batches = [line for line in cluster.workers["gpu"].log_tail(200_000).splitlines() if "generated" in line]
         assert rows / calls >= 0.9 * BATCH, f"mean batch {rows / calls:.2f} from {calls:.0f} calls:\n" + "\n".join(
             batches

@@ -21,7 +21,7 @@ def media(tmp_path_factory):
     return {
         "av": make_sample(directory / "av.mp4", 12.0),
         "video": make_sample(directory / "video.mp4", 12.0, audio=False),
-        "audio": make_sample(directory / "audio.mp3", 12.0, video=False),
+        "audio": make_sample(directory / "audio.mp3", 12.0, video=False, sound="tone"),
         "dir": directory,
     }
 

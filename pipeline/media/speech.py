@@ -1,0 +1,154 @@
+"""Where people speak: Silero VAD over a file's soundtrack, once at ingest, and the utterances cut from it.
+
+The spans are what the transcript's times are made of (Qwen3-Omni gives no timestamps): each utterance is
+transcribed on its own, and its segment starts and ends with its speech. Chunk boundaries go into the gaps
+between speech. Music, tones, noise and silence hold no speech, so they are not transcribed.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.media.extract import SAMPLE_RATE
+
+Span = tuple[float, float]
+
+VAD_BLOCK_SECONDS = 600.0  # the soundtrack goes to the VAD in blocks of this length: memory stays flat
+_WINDOW = 512  # Silero's window at 16 kHz (32 ms)
+_SEAM = 0.5  # speech ending and starting this close to a block boundary is one span
+_model_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SpeechOptions:
+    """How speech spans become utterances (see ``Settings.speech_options``)."""
+
+    threshold: float = 0.5  # Silero's speech probability threshold
+    min_speech_seconds: float = 0.25  # shorter bursts are not speech
+    min_silence_seconds: float = 0.1  # a pause must last this long to end a span
+    merge_seconds: float = 0.3  # spans closer than this are one utterance
+    max_utterance_seconds: float = 10.0  # longer runs are split at their quietest point
+    pad_seconds: float = 0.05  # an utterance's audio and times reach this far beyond its speech
+
+
+def detect_speech(samples: np.ndarray, options: SpeechOptions | None = None) -> list[Span]:
+    """Speech spans (seconds) in 16 kHz mono int16 ``samples``, by Silero VAD, block by block."""
+    import torch
+    from silero_vad import get_speech_timestamps, load_silero_vad
+
+    options = options or SpeechOptions()
+    block = int(VAD_BLOCK_SECONDS * SAMPLE_RATE) // _WINDOW * _WINDOW
+    spans: list[Span] = []
+    with _model_lock:  # the model keeps state between windows: one user at a time per process
+        model = _vad_model(load_silero_vad)
+        for first in range(0, len(samples), block):
+            piece = np.asarray(samples[first : first + block], dtype=np.float32) / 32768.0
+            if len(piece) < _WINDOW:
+                break
+            found = get_speech_timestamps(
+                torch.from_numpy(piece),
+                model,
+                threshold=options.threshold,
+                sampling_rate=SAMPLE_RATE,
+                min_speech_duration_ms=int(options.min_speech_seconds * 1000),
+                min_silence_duration_ms=int(options.min_silence_seconds * 1000),
+                speech_pad_ms=0,
+            )
+            boundary = first / SAMPLE_RATE
+            for position, found_span in enumerate(found):
+                start = (first + found_span["start"]) / SAMPLE_RATE
+                end = (first + found_span["end"]) / SAMPLE_RATE
+                # speech cut by the block boundary: the VAD ends it just before and starts it just after
+                cut = position == 0 and spans and spans[-1][1] > boundary - _SEAM and start < boundary + _SEAM
+                if cut:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((start, end))
+    return [(round(a, 3), round(b, 3)) for a, b in spans]
+
+
+_loaded: list[object] = []
+
+
+def _vad_model(load: object) -> object:
+    if not _loaded:
+        with warnings.catch_warnings():  # silero-vad's loader uses APIs its dependencies deprecate; nothing to do
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            _loaded.append(load(onnx=False))  # type: ignore[operator]
+    return _loaded[0]
+
+
+def gaps_between(spans: Sequence[Span], duration: float) -> list[Span]:
+    """The stretches without speech in ``[0, duration]`` (where chunk boundaries may go)."""
+    gaps, position = [], 0.0
+    for start, end in spans:
+        if start > position:
+            gaps.append((position, start))
+        position = max(position, end)
+    if duration > position:
+        gaps.append((position, duration))
+    return gaps
+
+
+def utterances(spans: Sequence[Span], samples: np.ndarray, duration: float, options: SpeechOptions) -> list[Span]:
+    """Speech spans as utterances: spans closer than ``merge_seconds`` joined, runs longer than
+    ``max_utterance_seconds`` split at their quietest point, each padded by ``pad_seconds`` (never into
+    its neighbour, never beyond the file)."""
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start - merged[-1][1] < options.merge_seconds:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    pieces: list[tuple[float, float, bool, bool]] = []  # start, end, padded at the start, at the end
+    for start, end in merged:
+        first = True
+        while end - start > options.max_utterance_seconds:
+            cut = _quietest(samples, start, end, options.max_utterance_seconds)
+            pieces.append((start, cut, first, False))
+            start, first = cut, False
+        pieces.append((start, end, first, True))
+    out: list[Span] = []
+    for position, (start, end, pad_start, pad_end) in enumerate(pieces):
+        if pad_start:
+            floor = out[-1][1] if out else 0.0
+            start = max(start - options.pad_seconds, floor)
+        if pad_end:
+            ceiling = pieces[position + 1][0] if position + 1 < len(pieces) else duration
+            end = min(end + options.pad_seconds, ceiling)
+        out.append((round(start, 3), round(end, 3)))
+    return out
+
+
+def _quietest(samples: np.ndarray, start: float, end: float, longest: float) -> float:
+    """The quietest 20 ms of ``[start, end]`` that leaves a first piece of 1 s .. ``longest`` seconds (and,
+    when the rest would fit in one piece, a rest no longer than ``longest``)."""
+    low = start + 1.0 if end - start > 2 * longest else max(start + 1.0, end - longest)
+    high = min(start + longest, end - 1.0)
+    if high <= low:
+        return round(start + min(longest, (end - start) / 2), 3)
+    window = int(0.02 * SAMPLE_RATE)
+    first, last = int(low * SAMPLE_RATE), int(high * SAMPLE_RATE)
+    region = np.asarray(samples[first:last], dtype=np.float32)
+    count = len(region) // window
+    if count == 0:
+        return round((low + high) / 2, 3)
+    energy = (region[: count * window].reshape(count, window) ** 2).mean(axis=1)
+    quietest = int(np.argmin(energy))
+    return round((first + quietest * window + window // 2) / SAMPLE_RATE, 3)
+
+
+def within(spans: Sequence[Span], start: float, end: float) -> list[Span]:
+    """The parts of ``spans`` inside ``[start, end)`` (a span cut by a chunk boundary is cut there too)."""
+    out = []
+    for a, b in spans:
+        a, b = max(a, start), min(b, end)
+        if b - a > 0.05:
+            out.append((a, b))
+    return out
