@@ -139,16 +139,24 @@ def file_language(
     key = f"{work_prefix(job_plan.spec.job_id)}/language.json"
     if storage.exists(key):
         return get_json(storage, key).get("language")
-    if not job_plan.speech:
+    # the first speech, as the chunks hold it (a piece long enough to hear: an utterance may be cut by a boundary)
+    pieces = (
+        (chunk, start, end)
+        for utterance in job_plan.speech or []
+        for chunk in job_plan.chunks
+        for start, end in speech.within([(utterance[0], utterance[1])], chunk.start, chunk.end)
+        if end - start >= 0.2
+    )
+    first = next(pieces, None)
+    if first is None:
         return None
-    start, end = job_plan.speech[0]
-    chunk = next((c for c in job_plan.chunks if c.start <= start < c.end), job_plan.chunks[-1])
+    chunk, start, end = first
     media = next((m for m in loaded if m.chunk.index == chunk.index), None)
     if media is None:
         media = load_chunk_media(storage, job_plan, chunk.index, settings)
     if media.audio is None:
         return None
-    heard = media.clip(start, min(end, chunk.end, start + LANGUAGE_PROBE_SECONDS))
+    heard = media.clip(start, min(end, start + LANGUAGE_PROBE_SECONDS))
     answer = engine.generate([prompts.language_request(heard)])[0]
     code = languages.parse_answer(answer.text)
     put_json(storage, key, {"language": code, "answer": answer.text.strip(), "heard": [start, end]})

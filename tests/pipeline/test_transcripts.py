@@ -140,3 +140,17 @@ def test_language_settings_take_codes_and_names(given, code):
 def test_an_unknown_language_is_refused_with_what_to_give():
     with pytest.raises(ValueError, match=r"'Klingon' is not one omniq knows: give an ISO 639-1 code"):
         Settings(language="Klingon")
+
+
+def test_the_language_is_asked_of_speech_a_chunk_boundary_did_not_cut_to_a_sliver(settings, tmp_path):
+    # the first sentence starts at the 5 s boundary: its utterance (padded 50 ms) begins in chunk 0 with a
+    # sliver that cannot be heard; the question goes to its part in chunk 1
+    track = speech_track([TEXTS[2]], [5.0], 9.0)
+    path = make_sample(tmp_path / "cut.mp4", 9.0, track=track, size="160x120")
+    engine = Recording(OmniEngine(settings), {prompts.LANGUAGE: "en"})
+    cut = settings.model_copy(update={"chunk_seconds": 5.0, "silence_search_seconds": 0.0})
+    outcome = run_job(str(path), cut, LocalStorage(tmp_path / "store"), engine)
+    assert outcome.status == "done", outcome.error
+    (asked,) = engine.of(prompts.LANGUAGE)
+    assert len(asked.audio) / 16000 >= 0.2
+    assert outcome.manifest["language"] == "en"
