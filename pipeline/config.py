@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from pipeline.media.speech import SpeechOptions
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 TINY_MODEL = "tiny"
@@ -111,7 +115,7 @@ class Settings(BaseSettings):
             )
         return code
 
-    def speech_options(self):  # type: ignore[no-untyped-def]
+    def speech_options(self) -> SpeechOptions:
         """How speech spans become utterances (``pipeline.media.speech``)."""
         from pipeline.media.speech import SpeechOptions
 

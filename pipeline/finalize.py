@@ -17,6 +17,7 @@ from pipeline.spec import (
     JobSpec,
     chunk_prefix,
     get_json,
+    language_key,
     pack_key,
     put_json,
     results_prefix,
@@ -123,7 +124,7 @@ def finalize(
 
 def _detected_language(storage: Storage, job_id: str) -> str | None:
     """The language the GPU step detected (``infer.file_language``); None when it found no speech."""
-    key = f"{work_prefix(job_id)}/language.json"
+    key = language_key(job_id)
     return get_json(storage, key).get("language") if storage.exists(key) else None
 
 

@@ -26,7 +26,7 @@ from pipeline.config import Settings
 from pipeline.engines.base import Engine, GenerationRequest
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
-from pipeline.spec import JobPlan, chunk_prefix, get_json, pack_key, put_json, work_prefix
+from pipeline.spec import JobPlan, chunk_prefix, get_json, language_key, pack_key, put_json, work_prefix
 from pipeline.storage import Storage
 
 LOAD_THREADS = 4  # chunk packs fetched and decoded at once by one call
@@ -136,7 +136,7 @@ def file_language(
     when the model's answer names no language."""
     if settings.language:
         return settings.language
-    key = f"{work_prefix(job_plan.spec.job_id)}/language.json"
+    key = language_key(job_plan.spec.job_id)
     if storage.exists(key):
         return get_json(storage, key).get("language")
     # the first speech, as the chunks hold it (a piece long enough to hear: an utterance may be cut by a boundary)

@@ -82,6 +82,11 @@ def chunk_prefix(job_id: str, index: int) -> str:
     return f"work/{job_id}/chunks/{index:05d}"
 
 
+def language_key(job_id: str) -> str:
+    """The file's detected language (``infer.file_language``), read again by later units and by finalize."""
+    return f"{work_prefix(job_id)}/language.json"
+
+
 def pack_key(job_id: str, index: int) -> str:
     """The one object that holds a chunk's frames, audio and metadata (``pipeline.media.pack``)."""
     return f"{chunk_prefix(job_id, index)}/media.pack"

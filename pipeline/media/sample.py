@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.media.extract import ffmpeg_binary, run_ffmpeg, write_wav
+
+if TYPE_CHECKING:
+    from pipeline.media.voice import SpeechTrack
 
 SOUNDS = ("speech", "tone")
 
@@ -56,7 +60,7 @@ def make_sample(
     video: bool = True,
     audio: bool = True,
     sound: str = "speech",
-    track: object | None = None,
+    track: SpeechTrack | None = None,
     **options: object,
 ) -> Path:
     """Write a sample file to ``path`` and return it. ``sound`` is ``speech`` (a sentence per period) or
@@ -70,7 +74,7 @@ def make_sample(
             if track is None:
                 track = spoken_track(duration, float(options.get("period", 5.0)), float(options.get("gap", 1.0)))
             audio_file = Path(temp) / "speech.wav"
-            write_wav(audio_file, track.samples)  # type: ignore[attr-defined]
+            write_wav(audio_file, track.samples)
         command = build_sample_command(
             path,
             duration,
@@ -84,7 +88,7 @@ def make_sample(
     return path
 
 
-def spoken_track(duration: float, period: float = 5.0, gap: float = 1.0):  # type: ignore[no-untyped-def]
+def spoken_track(duration: float, period: float = 5.0, gap: float = 1.0) -> SpeechTrack:
     """One of :data:`~pipeline.media.voice.SENTENCES` at the start of every period, at most ``period - gap``
     seconds long (spoken faster, or cut, to fit)."""
     from pipeline.media.voice import SENTENCES, speech_track

@@ -11,6 +11,8 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +41,13 @@ class SpeechOptions:
 def detect_speech(samples: np.ndarray, options: SpeechOptions | None = None) -> list[Span]:
     """Speech spans (seconds) in 16 kHz mono int16 ``samples``, by Silero VAD, block by block."""
     import torch
-    from silero_vad import get_speech_timestamps, load_silero_vad
+    from silero_vad import get_speech_timestamps
 
     options = options or SpeechOptions()
     block = int(VAD_BLOCK_SECONDS * SAMPLE_RATE) // _WINDOW * _WINDOW
     spans: list[Span] = []
     with _model_lock:  # the model keeps state between windows: one user at a time per process
-        model = _vad_model(load_silero_vad)
+        model = _vad_model()
         for first in range(0, len(samples), block):
             piece = np.asarray(samples[first : first + block], dtype=np.float32) / 32768.0
             if len(piece) < _WINDOW:
@@ -72,16 +74,15 @@ def detect_speech(samples: np.ndarray, options: SpeechOptions | None = None) -> 
     return [(round(a, 3), round(b, 3)) for a, b in spans]
 
 
-_loaded: list[object] = []
+@cache
+def _vad_model() -> Any:
+    """Silero's model, loaded once per process from the wheel's weights."""
+    from silero_vad import load_silero_vad
 
-
-def _vad_model(load: object) -> object:
-    if not _loaded:
-        with warnings.catch_warnings():  # silero-vad's loader uses APIs its dependencies deprecate; nothing to do
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            _loaded.append(load(onnx=False))  # type: ignore[operator]
-    return _loaded[0]
+    with warnings.catch_warnings():  # silero-vad's loader uses APIs its dependencies deprecate; nothing to do
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return load_silero_vad(onnx=False)
 
 
 def gaps_between(spans: Sequence[Span], duration: float) -> list[Span]:
