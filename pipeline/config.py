@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     )
     trigger_include_prefixes: str = ""  # comma-separated key prefixes; empty = every key
     trigger_exclude_prefixes: str = ""  # comma-separated key prefixes to ignore (e.g. omniq's own output prefix)
+    trigger_buckets: str = ""  # comma-separated buckets whose events are enqueued; empty = any bucket
     sqs_endpoint_url: str | None = None
     webhook_token: SecretStr | None = None
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -275,9 +276,9 @@ def open_storage(url: str, settings: Settings) -> LocalStorage | S3Storage:
     """``file:///abs/dir``, ``file://./rel``, a plain directory path, or ``s3://bucket/prefix``."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        bucket, prefix = url[len("s3://") :].partition("/")[::2]
-        if not bucket:
+        if not url[len("s3://") :].partition("/")[0]:
             raise ConfigError(f"storage URL {url!r} has no bucket: use s3://BUCKET/PREFIX")
+        bucket, prefix = split_s3_uri(url, key_required=False)
         return S3Storage(bucket, prefix, settings)
     if parsed.scheme == "file":
         return LocalStorage(Path(unquote(parsed.netloc + parsed.path)))
@@ -286,12 +287,33 @@ def open_storage(url: str, settings: Settings) -> LocalStorage | S3Storage:
     raise ConfigError(f"storage URL {url!r}: unsupported scheme {parsed.scheme!r}; use file:// or s3://")
 
 
+# S3's bucket naming rules, with the legacy us-east-1 names (upper case, '_', up to 255 characters) that
+# botocore still accepts: never a '/', ':' or anything that would change where a URI points.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why ``bucket`` is not a valid S3 bucket name, or None when it is one."""
+    if not _BUCKET_NAME.fullmatch(bucket):
+        return (
+            f"{bucket!r} is not a valid S3 bucket name (3-63 letters, digits, '.' and '-', starting and ending "
+            "with a letter or digit; legacy names may also hold upper case and '_', up to 255)"
+        )
+    if ".." in bucket:
+        return f"{bucket!r} is not a valid S3 bucket name (two dots in a row)"
+    return None
+
+
 def split_s3_uri(uri: str, key_required: bool = True) -> tuple[str, str]:
     """``s3://bucket/key`` → (bucket, key). Keys are taken verbatim, as the AWS CLI does: no
-    percent-decoding, and ``#``, ``?``, ``%`` and spaces are part of the key."""
+    percent-decoding, and ``#``, ``?``, ``%`` and spaces are part of the key. The bucket must be a valid
+    bucket name, so that no URI can name another bucket than it seems to."""
     if not uri.startswith("s3://"):
         raise ConfigError(f"{uri!r} is not an s3://BUCKET/KEY URI")
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or (key_required and not key.strip("/")):
         raise ConfigError(f"{uri!r} is not an s3://BUCKET/KEY URI")
+    problem = bucket_problem(bucket)
+    if problem is not None:
+        raise ConfigError(f"{uri!r}: {problem}")
     return bucket, key

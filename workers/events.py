@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
 from pipeline.config import Settings
-from pipeline.errors import PermanentError
-from pipeline.storage import split_s3_uri
+from pipeline.errors import ConfigError, PermanentError
+from pipeline.storage import bucket_problem, split_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ class ObjectEvent:
 
     @property
     def uri(self) -> str:
-        """The ``s3://`` URI to enqueue. The key is percent-encoded because ``split_s3_uri`` decodes it:
-        keys with '%', '#' or '?' then name the right object."""
-        return f"s3://{self.bucket}/{self.key}"  # s3:// URIs carry keys verbatim (pipeline.storage.split_s3_uri)
+        """The ``s3://`` URI to enqueue: keys go in verbatim (``pipeline.storage.split_s3_uri`` takes them so),
+        and the bucket was checked by S3's naming rules when the event was parsed."""
+        return f"s3://{self.bucket}/{self.key}"
 
 
 class Outcome(Protocol):
@@ -174,7 +174,7 @@ def _parse_record(record: Any, index: int, wrapper: str, minio: bool) -> ObjectE
     s3 = record.get("s3")
     if not isinstance(name, str) or not isinstance(s3, dict):
         raise MalformedEvent(f"{where} has no 'eventName' and 's3' (source {record.get('eventSource')!r})")
-    bucket = _field(s3, ("bucket", "name"), f"{where}.s3.bucket.name")
+    bucket = _bucket(_field(s3, ("bucket", "name"), f"{where}.s3.bucket.name"), f"{where}.s3.bucket.name")
     obj = s3.get("object") if isinstance(s3.get("object"), dict) else {}
     key = _field(s3, ("object", "key"), f"{where}.s3.object.key")
     source = str(record.get("eventSource", ""))
@@ -200,7 +200,7 @@ def _parse_eventbridge(body: dict[str, Any], wrapper: str) -> ObjectEvent:
     else:  # "Object Deleted", "Object Tags Added", ...: named so that is_created is False
         name = detail_type.replace(" ", "")
     return ObjectEvent(
-        bucket=_field(detail, ("bucket", "name"), "detail.bucket.name"),
+        bucket=_bucket(_field(detail, ("bucket", "name"), "detail.bucket.name"), "detail.bucket.name"),
         key=_field(detail, ("object", "key"), "detail.object.key"),  # EventBridge keys are not encoded
         event_name=name,
         size=_size(obj.get("size"), "detail.object.size"),
@@ -214,7 +214,16 @@ def _parse_minio_key(body: dict[str, Any], wrapper: str) -> ObjectEvent:
     bucket, _, key = str(body["Key"]).partition("/")
     if not bucket or not key:
         raise MalformedEvent(f"MinIO 'Key' {body['Key']!r} is not 'bucket/key'")
-    return ObjectEvent(bucket, key, _normalise(str(body["EventName"])), shape=wrapper + "minio")
+    return ObjectEvent(_bucket(bucket, "Key"), key, _normalise(str(body["EventName"])), shape=wrapper + "minio")
+
+
+def _bucket(name: str, field: str) -> str:
+    """A bucket name by S3's rules: one with '/' or ':' would make the URI name another bucket, a store key
+    or no S3 object at all, and no redelivery can fix that."""
+    problem = bucket_problem(name)
+    if problem is not None:
+        raise MalformedEvent(f"{field}: {problem}")
+    return name
 
 
 def _field(container: dict[str, Any], path: tuple[str, str], name: str) -> str:
@@ -265,6 +274,7 @@ class KeyFilter:
     include: tuple[str, ...] = ()  # key prefixes; empty means every key
     exclude: tuple[str, ...] = ()
     own: tuple[tuple[str, str], ...] = ()  # (bucket, key prefix) pairs omniq itself writes to
+    buckets: frozenset[str] = frozenset()  # the buckets events may come from; empty means any
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyFilter:
@@ -280,20 +290,29 @@ class KeyFilter:
             _split(settings.trigger_include_prefixes),
             _split(settings.trigger_exclude_prefixes),
             own,
+            frozenset(_split(settings.trigger_buckets)),
         )
 
     def skip_reason(self, event: ObjectEvent) -> str | None:
-        """Why this event enqueues nothing, or None when its object should be enqueued."""
-        key = event.key
+        """Why this event enqueues nothing, or None when its object should be enqueued.
+
+        Every test reads the bucket and key back from the URI that would be enqueued, so that what is
+        filtered is exactly what a worker would read."""
         if not event.is_created:
             return f"{event.event_name} is not an object creation"
+        try:
+            bucket, key = split_s3_uri(event.uri)
+        except ConfigError as error:
+            return f"not an S3 object omniq can read ({error})"
+        if self.buckets and bucket not in self.buckets:
+            return f"bucket {bucket!r} is not in OMNIQ_TRIGGER_BUCKETS"
         if key.endswith("/"):
             return "a folder marker"
         if event.size == 0:
             return "an empty object"
-        for bucket, prefix in self.own:
-            if event.bucket == bucket and key.startswith(prefix):
-                return f"inside omniq's own store s3://{bucket}/{prefix}"
+        for own_bucket, prefix in self.own:
+            if bucket == own_bucket and key.startswith(prefix):
+                return f"inside omniq's own store s3://{own_bucket}/{prefix}"
         excluded = next((p for p in self.exclude if key.startswith(p)), None)
         if excluded is not None:
             return f"under the excluded prefix {excluded!r}"
