@@ -298,7 +298,7 @@ def test_removed_and_multipart_events():
         ("[1, 2]", "JSON list"),
         ({"hello": "world"}, "not an S3 event notification"),
         ({"Records": {"a": 1}}, "not a list"),
-        ({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}}}]}, "s3.object.key"),
+        ({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "bkt"}}}]}, "s3.object.key"),
         ({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]}, "no 'eventName'"),
         (s3_event("a.mp4") | {"Records": [{**s3_event("a.mp4")["Records"][0], "s3": {"bucket": {}}}]}, "bucket"),
         ({**sns_envelope({}), "Message": "not json"}, "SNS Message is not JSON"),
