@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError
-from pipeline.sources import SourceRef, local_path, resolve_source
+from pipeline.sources import SourceRef, check_size, local_path, resolve_source
 from pipeline.storage import split_s3_uri
 
 
@@ -117,7 +117,20 @@ def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[D
 
 
 def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iterator[Discovered]:
-    """Expand inputs in order: directories and S3 prefixes into their media, files and objects as given."""
+    """Expand inputs in order: directories and S3 prefixes into their media, files and objects as given.
+
+    A source over ``OMNIQ_MAX_FILE_BYTES`` (by its listing, HEAD or stat) is rejected here, before any
+    worker downloads it."""
+    for item in _expand(inputs, settings, filters):
+        if item.ref is not None:
+            try:
+                check_size(item.ref.size_bytes, settings, item.uri)
+            except OmniqError as error:
+                item = Discovered(item.uri, rejected=str(error))
+        yield item
+
+
+def _expand(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iterator[Discovered]:
     for uri in inputs:
         path = local_path(uri)
         if path is not None:
@@ -127,14 +140,14 @@ def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Ite
             else:
                 yield _local(uri, settings)
         elif uri.startswith("s3://"):
-            if not split_s3_uri(uri, key_required=False)[0]:
-                yield Discovered(uri, rejected=f"{uri}: no bucket; use s3://BUCKET/PREFIX")
-            elif _is_s3_prefix(uri, filters):
-                yield from list_s3_prefix(uri, settings, filters)
-            else:
-                try:
+            try:
+                if not split_s3_uri(uri, key_required=False)[0]:
+                    yield Discovered(uri, rejected=f"{uri}: no bucket; use s3://BUCKET/PREFIX")
+                elif _is_s3_prefix(uri, filters):
+                    yield from list_s3_prefix(uri, settings, filters)
+                else:
                     yield Discovered(uri, resolve_source(uri, settings))
-                except OmniqError as error:
-                    yield Discovered(uri, rejected=str(error))
+            except OmniqError as error:
+                yield Discovered(uri, rejected=str(error))
         else:
             yield Discovered(uri, rejected=f"{uri}: unsupported source; give a path, a directory or s3://bucket/key")

@@ -93,7 +93,7 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="omniq-ingest-") as temp:
         directory = Path(temp)
-        local = fetch_source(spec.input_uri, directory, settings)
+        local = fetch_source(spec.input_uri, directory, settings, name=spec.source)
         info = probe_media(local, spec.source)
         check_limits(info, settings, spec.source)
         media = extract.extract_media(

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, SourceNotFound
+from pipeline.errors import ConfigError, LimitExceeded, SourceNotFound
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,53 @@ def resolve_source(uri: str, settings: Settings) -> SourceRef:
     raise ConfigError(f"{uri}: unsupported source; give a local path, file:///path or s3://bucket/key")
 
 
-def fetch_source(uri: str, directory: Path, settings: Settings) -> Path:
-    """A local path with the source's bytes: local files are used in place, S3 objects are downloaded."""
+def check_size(size_bytes: int, settings: Settings, name: str) -> None:
+    """Raise :class:`LimitExceeded` for a file over ``OMNIQ_MAX_FILE_BYTES``, naming it and the setting."""
+    if size_bytes > settings.max_file_bytes:
+        raise LimitExceeded(
+            f"{name}: {size_bytes} bytes is over the limit of {settings.max_file_bytes}; "
+            "raise OMNIQ_MAX_FILE_BYTES to accept it"
+        )
+
+
+class _SizeGuard:
+    """A download progress callback that stops the download once more bytes came than the limit allows."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings, self.name = settings, name
+        self.received = 0
+
+    def __call__(self, count: int) -> None:
+        self.received += count
+        check_size(self.received, self.settings, self.name)
+
+
+def fetch_source(uri: str, directory: Path, settings: Settings, name: str | None = None) -> Path:
+    """A local path with the source's bytes: local files are used in place, S3 objects are downloaded.
+
+    An object's size is checked against ``OMNIQ_MAX_FILE_BYTES`` before a byte is fetched (the object may have
+    grown since it was enqueued), and the download stops if more bytes arrive than the limit allows. ``name`` is how errors name the source.
+    """
+    name = name or uri
     path = local_path(uri)
     if path is not None:
         if not path.is_file():
-            raise SourceNotFound(f"{uri}: no such file; check the path")
+            raise SourceNotFound(f"{name}: no such file; check the path")
         return path
     from pipeline.storage import s3_client, split_s3_uri, translate_s3_error
 
     bucket, key = split_s3_uri(uri)
     target = directory / ("source" + Path(key).suffix.lower()[:16])
+    client = s3_client(settings)
     try:
-        s3_client(settings).download_file(bucket, key, str(target))
+        head = client.head_object(Bucket=bucket, Key=key)
+        check_size(int(head.get("ContentLength", 0)), settings, name)
+        # s3transfer reads one version (its GETs carry If-Match with the ETag it measured); the guard counts
+        # what arrives, whatever any HEAD said
+        client.download_file(bucket, key, str(target), Callback=_SizeGuard(settings, name))
+    except LimitExceeded:
+        target.unlink(missing_ok=True)
+        raise
     except Exception as error:
         translated = translate_s3_error(error, uri)
         if translated is error:

@@ -174,6 +174,12 @@ def translate_s3_error(error: Exception, uri: str) -> Exception:
         return ConfigError(f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
     if isinstance(error, BotoCoreError):
         return TransientError(f"{uri}: cannot reach storage ({error})")
+    from s3transfer.exceptions import S3DownloadFailedError
+
+    if isinstance(error, S3DownloadFailedError):  # a download's parts failed or named another version
+        if "ETag" in str(error):
+            return TransientError(f"{uri}: the object changed while it was read; reading it again")
+        return TransientError(f"{uri}: the download failed ({error})")
     return error
 
 

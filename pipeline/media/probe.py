@@ -10,6 +10,7 @@ import av
 
 from pipeline.config import Settings
 from pipeline.errors import LimitExceeded, PermanentMediaError, SourceNotFound
+from pipeline.sources import check_size
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,7 @@ def check_limits(info: MediaInfo, settings: Settings, name: str) -> None:
     """Raise :class:`LimitExceeded` (or :class:`PermanentMediaError`) naming the limit and the setting."""
     if info.duration_s <= 0:
         raise PermanentMediaError(f"{name}: duration is zero or unknown; the file may be truncated or empty")
-    if info.size_bytes > settings.max_file_bytes:
-        raise LimitExceeded(
-            f"{name}: {info.size_bytes} bytes is over the limit of {settings.max_file_bytes}; "
-            "raise OMNIQ_MAX_FILE_BYTES to accept it"
-        )
+    check_size(info.size_bytes, settings, name)
     if info.duration_s > settings.max_duration_seconds:
         raise LimitExceeded(
             f"{name}: {info.duration_s:.0f} s is longer than the limit of {settings.max_duration_seconds:.0f} s; "
