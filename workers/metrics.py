@@ -65,14 +65,12 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     credentials: bytes | None = None  # b"user:password" when basic auth is on
 
     def do_GET(self) -> None:
-        if self.credentials is not None:
-            header = self.headers.get("Authorization", "")
-            given = base64.b64decode(header[6:], validate=False) if header.startswith("Basic ") else b""
-            if not hmac.compare_digest(given, self.credentials):
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="omniq metrics"')
-                self.end_headers()
-                return
+        if self.credentials is not None and not self._authorized(self.credentials):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="omniq metrics"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.split("?")[0] not in ("/", "/metrics"):
             self.send_response(404)
             self.end_headers()
@@ -83,6 +81,17 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _authorized(self, credentials: bytes) -> bool:
+        """Basic credentials compared in constant time; a malformed header is just not authorized (401)."""
+        scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(encoded.strip(), validate=True)
+        except ValueError:  # binascii.Error (not base64) or text that is not ASCII
+            return False
+        return hmac.compare_digest(given, credentials)
 
     def log_message(self, format: str, *args: object) -> None:
         return

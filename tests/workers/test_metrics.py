@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -50,6 +52,32 @@ def test_metrics_basic_auth(registry):
         assert _get(url, "prom:s3cret")[0] == 200
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Basic !!!notbase64",
+        b"Basic " + base64.b64encode(b"prom:s3cret")[:-1],  # padding cut off
+        b"Basic \xff\xfe\xc3\x28",  # not even ASCII
+        b"Basic " + base64.b64encode(b"\xff\xfe:\x80"),  # base64 of bytes that are not UTF-8
+        b"Basic",
+        b"Bearer " + base64.b64encode(b"prom:s3cret"),
+    ],
+)
+def test_metrics_answer_401_to_a_malformed_authorization(registry, authorization):
+    """Over a raw socket, as a client could send it: every malformed header gets the 401, never a dropped connection."""
+    server = serve_metrics("127.0.0.1", 0, registry, "prom:s3cret")
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as connection:
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: omniq\r\nAuthorization: " + authorization + b"\r\n\r\n")
+            response = http.client.HTTPResponse(connection)
+            response.begin()
+            assert response.status == 401 and response.headers["WWW-Authenticate"] == 'Basic realm="omniq metrics"'
+            assert response.read() == b""
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_metrics_beyond_loopback_need_auth(registry):

@@ -8,11 +8,15 @@ import http.client
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,6 +28,7 @@ from tests.servers import find_free_port
 from workers.cli_triggers import add_commands, cmd_listen, cmd_webhook
 from workers.events import KeyFilter, MalformedEvent, ObjectEvent, handle_events, parse_message
 from workers.triggers import lambda_handler, make_webhook_server, parse_queue
+from workers.webhook import MAX_BODY_BYTES
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -436,17 +441,25 @@ def test_parse_queue_names_and_configured_endpoint():
 # -- webhook over real HTTP ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def webhook():
+@contextmanager
+def running_webhook(**limits: float) -> Iterator[tuple[int, FakeProducer]]:
     """A webhook server on a free 127.0.0.1 port with a recording producer; yields (port, producer)."""
     producer = FakeProducer()
-    server = make_webhook_server("127.0.0.1", 0, settings(), producer, TOKEN)
+    server = make_webhook_server("127.0.0.1", 0, settings(), producer, TOKEN, **limits)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server.server_address[1], producer
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    try:
+        yield server.server_address[1], producer
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def webhook():
+    with running_webhook() as started:
+        yield started
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -466,6 +479,46 @@ def post(port: int, body: object, token: str | None = TOKEN, path: str = "/minio
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return request(port, "POST", path, data, headers)
+
+
+def connect(port: int) -> socket.socket:
+    """A raw client socket whose every read and write gives up after 5 s."""
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def read_response(connection: socket.socket) -> tuple[int, http.client.HTTPMessage, bytes]:
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, response.headers, response.read()
+
+
+def exchange(port: int, raw_request: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Send bytes as they are (headers http.client would fix up included) and read the reply."""
+    with connect(port) as connection:
+        connection.sendall(raw_request)
+        return read_response(connection)
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def seconds_until_closed(connection: socket.socket, limit: float) -> float:
+    """Send a byte every 0.1 s until the server closes the connection (or ``limit`` seconds pass)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        try:
+            connection.sendall(b"a")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        readable, _, _ = select.select([connection], [], [], 0.1)
+        if readable:
+            assert closed_by_server(connection), "the server answered instead of closing"
+            break
+    return time.monotonic() - started
 
 
 def test_webhook_enqueues_a_minio_event(webhook):
@@ -503,7 +556,7 @@ def test_webhook_rejects_malformed_and_oversized_bodies(webhook):
     port, producer = webhook
     status, body = post(port, b"{not json")
     assert status == 400 and "not JSON" in body["error"]
-    status, body = post(port, {"Records": [{"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": {"name": "b"}}}]})
+    status, body = post(port, {"Records": [{"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": {"name": "bkt"}}}]})
     assert status == 400 and "s3.object.key" in body["error"]
     # a 2 MiB Content-Length is refused from the headers alone, before any of the body is read
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -531,6 +584,77 @@ def test_webhook_answers_503_when_enqueue_fails(webhook):
     producer.fail = ConnectionError("Redis is down")
     status, body = post(port, MINIO_WEBHOOK_BODY)
     assert status == 503 and body["failed"] == 1
+
+
+def test_webhook_answers_without_a_token_before_reading_the_body(webhook):
+    """Only headers are sent: a server that waited for the 1 MiB body would not answer before the client's 5 s."""
+    port, producer = webhook
+    for authorization in ("", f"Authorization: Bearer {TOKEN}x\r\n"):
+        with connect(port) as connection:
+            head = f"POST / HTTP/1.1\r\nHost: omniq\r\n{authorization}Content-Length: {MAX_BODY_BYTES}\r\n\r\n"
+            connection.sendall(head.encode())
+            started = time.monotonic()
+            status, headers, body = read_response(connection)
+            assert (status, headers["WWW-Authenticate"], headers["Connection"]) == (401, "Bearer", "close")
+            assert "bearer token" in json.loads(body)["error"]
+            assert closed_by_server(connection) and time.monotonic() - started < 2
+    assert producer.calls == []
+
+
+def test_webhook_keeps_its_status_codes_for_bad_requests(webhook):
+    port, producer = webhook
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    chunked = b"POST / HTTP/1.1\r\nHost: omniq\r\n%sTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert exchange(port, chunked % auth.encode())[0] == 411
+    assert exchange(port, chunked % b"")[0] == 401  # the token is checked first
+    for length in ("-1", "lots"):
+        status, _, body = exchange(
+            port, f"POST / HTTP/1.1\r\nHost: omniq\r\n{auth}Content-Length: {length}\r\n\r\n".encode()
+        )
+        assert status == 400 and "not a byte count" in json.loads(body)["error"]
+    for method in ("PUT", "DELETE"):
+        assert (
+            exchange(port, f"{method} / HTTP/1.1\r\nHost: omniq\r\n{auth}Content-Length: 0\r\n\r\n".encode())[0] == 501
+        )
+    assert producer.calls == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nX-Slow: ",  # the headers never end
+        f"POST / HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode(),  # nor the body
+    ],
+    ids=["headers", "body"],
+)
+def test_webhook_cuts_off_a_client_trickling_its_request(head):
+    """A byte every 0.1 s never trips a per-read timeout; the request's overall deadline ends it."""
+    deadline = 1.0
+    with running_webhook(request_deadline=deadline) as (port, producer), connect(port) as connection:
+        connection.sendall(head)
+        elapsed = seconds_until_closed(connection, limit=deadline + 5)
+        assert deadline - 0.1 < elapsed < deadline + 1.5
+        assert producer.calls == []
+
+
+def test_webhook_refuses_connections_over_its_cap_until_one_closes():
+    with running_webhook(max_connections=2, request_deadline=10) as (port, _):
+        held = [connect(port) for _ in range(2)]
+        try:
+            for connection in held:
+                connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: omniq\r\n")  # the headers not ended yet
+            status, headers, body = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: omniq\r\n\r\n")
+            assert (status, headers["Retry-After"], headers["Connection"]) == (503, "5", "close")
+            assert "too many connections" in json.loads(body)["error"]
+            held[0].sendall(b"\r\n")  # a held connection is still served
+            assert read_response(held[0])[0] == 200
+        finally:
+            for connection in held:
+                connection.close()
+        deadline = time.monotonic() + 5  # the server frees a slot just after its connection ends
+        while (status := request(port, "GET", "/healthz")[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == 200
 
 
 def test_webhook_refuses_to_start_without_a_token():
