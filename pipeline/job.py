@@ -104,6 +104,7 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
             settings.frame_max_pixels,
             settings.ffmpeg_timeout_seconds,
             spec.source,
+            settings.max_duration_seconds,
         )
         samples = media.audio()
         vad_started = time.monotonic()

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 FRAME_PATTERN = "%06d.jpg"
 LOCAL_PROTOCOLS = "file,pipe"
+# A decode may run this far past the probed duration (probes estimate, e.g. for VBR MP3 without a header),
+# and no further: a file whose decode runs longer states a duration it does not have.
+DECODE_MARGIN_SECONDS = 30.0
+DECODE_MARGIN_SHARE = 0.25
 
 
 def ffmpeg_binary() -> str:
@@ -44,6 +48,18 @@ def frame_scale(width: int, height: int, max_pixels: int) -> float:
     return min(1.0, math.sqrt(max_pixels / (width * height)))
 
 
+def decode_bound(duration_s: float, max_duration_seconds: float) -> float:
+    """How many seconds of media a decode may write: the probed duration plus a margin, never more than
+    ``OMNIQ_MAX_DURATION_SECONDS``."""
+    margin = max(DECODE_MARGIN_SECONDS, DECODE_MARGIN_SHARE * duration_s)
+    return min(max_duration_seconds, duration_s + margin)
+
+
+def max_frames(seconds: float, fps: float) -> int:
+    """The most frames ``seconds`` of media give at ``fps`` (frame ``k`` is at ``k / fps``)."""
+    return math.ceil(seconds * fps) + 1
+
+
 def build_extract_command(
     source: Path,
     out_dir: Path,
@@ -51,32 +67,38 @@ def build_extract_command(
     fps: float,
     max_pixels: int,
     ffmpeg_exe: str = "ffmpeg",
+    max_seconds: float | None = None,
 ) -> list[str]:
     """One ffmpeg command that writes ``out_dir/frames/%06d.jpg`` and ``out_dir/audio.wav`` in one decode.
 
     Frame ``k`` (numbered from 0) is the picture at ``k / fps`` seconds. Only local files are read:
-    the protocol whitelist stops a crafted input from making ffmpeg open anything else.
+    the protocol whitelist stops a crafted input from making ffmpeg open anything else. ``max_seconds``
+    bounds what is written whatever the file's timestamps claim: each output stops at that duration, the
+    frames at their count for it and the audio at its size for it.
     """
     video_index, audio_index = info.video_index, info.audio_index
     if video_index is None and audio_index is None:
         raise ValueError("nothing to extract: no video and no audio stream selected")
     stream = ffmpeg.input(f"file:{source.resolve()}", protocol_whitelist=LOCAL_PROTOCOLS)
+    bounds: dict[str, object] = {} if max_seconds is None else {"t": f"{max_seconds:.3f}"}
     outputs = []
     if video_index is not None:
         factor = frame_scale(info.width, info.height, max_pixels)
         frames = stream[str(video_index)].filter("fps", fps=fps)
         if factor < 1.0:
             frames = frames.filter("scale", f"trunc(iw*{factor:.6f}/2)*2", f"trunc(ih*{factor:.6f}/2)*2")
+        count = {} if max_seconds is None else {"frames:v": max_frames(max_seconds, fps)}
         outputs.append(
             frames.output(
                 str(out_dir / "frames" / FRAME_PATTERN),
-                **{"q:v": 3, "start_number": 0, "fps_mode": "passthrough", "f": "image2"},
+                **{"q:v": 3, "start_number": 0, "fps_mode": "passthrough", "f": "image2", **bounds, **count},
             )
         )
     if audio_index is not None:
+        size = {} if max_seconds is None else {"fs": int(max_seconds * SAMPLE_RATE * 2) + 4096}
         outputs.append(
             stream[str(audio_index)].output(
-                str(out_dir / "audio.wav"), ac=1, ar=SAMPLE_RATE, acodec="pcm_s16le", f="wav"
+                str(out_dir / "audio.wav"), ac=1, ar=SAMPLE_RATE, acodec="pcm_s16le", f="wav", **bounds, **size
             )
         )
     command = ffmpeg.merge_outputs(*outputs).global_args("-nostdin", "-hide_banner", "-loglevel", "error")
@@ -132,16 +154,28 @@ def extract_media(
     max_pixels: int,
     timeout: float,
     name: str,
+    max_duration_seconds: float = math.inf,
 ) -> ExtractedMedia:
-    """Decode ``source`` once into frames and audio under ``out_dir``."""
+    """Decode ``source`` once into frames and audio under ``out_dir``.
+
+    The decode is bounded by the probed duration (``decode_bound``): a file that decodes to longer than it
+    states (e.g. one segment repeated in a .ts whose probe reads the first) is stopped there and refused,
+    before its frames and audio fill the disk."""
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
-    command = build_extract_command(source, out_dir, info, fps, max_pixels, ffmpeg_binary())
+    bound = decode_bound(info.duration_s, max_duration_seconds)
+    command = build_extract_command(source, out_dir, info, fps, max_pixels, ffmpeg_binary(), bound)
     seconds = run_ffmpeg(command, timeout, name)
     frame_count = len(list((out_dir / "frames").glob("*.jpg")))
     audio_path = out_dir / "audio.wav" if info.audio_index is not None else None
     samples = len(read_wav_int16(audio_path)) if audio_path else 0
     if frame_count == 0 and samples == 0:
         raise PermanentMediaError(f"{name}: ffmpeg decoded no frames and no audio; the file may be corrupt")
+    decoded = max((frame_count - 1) / fps, samples / SAMPLE_RATE)
+    if frame_count > max_frames(bound, fps) or decoded > info.duration_s + 0.9 * (bound - info.duration_s) + 1.0:
+        raise PermanentMediaError(
+            f"{name}: the file states {info.duration_s:.1f} s but decodes to more (stopped at {decoded:.1f} s); its "
+            "timestamps are inconsistent: remux or re-encode it (e.g. ffmpeg -i IN -c copy OUT.mp4) and send it again"
+        )
     return ExtractedMedia(out_dir, fps, frame_count, audio_path, samples, seconds)
 
 

@@ -145,3 +145,40 @@ def test_corrupt_stream_fails_extraction_clearly(media, tmp_path):
     with pytest.raises(PermanentMediaError, match="broken.mp4"):
         info = probe_media(broken, "broken.mp4")
         extract_media(broken, tmp_path / "b", info, 2.0, 10_000, 60, "broken.mp4")
+
+
+def test_a_file_that_decodes_longer_than_it_states_is_stopped_and_refused(tmp_path):
+    """180 copies of one 10 s segment in a .ts probe as 10 s; the decode used to write 1843 s of frames and
+    audio. Now each output stops at the probed duration plus the margin, and the file is refused."""
+    import subprocess
+
+    from pipeline.media.extract import decode_bound, ffmpeg_binary, max_frames
+
+    segment = tmp_path / "seg.ts"
+    subprocess.run(
+        [ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-i", str(make_sample(tmp_path / "s.mp4", 10.0, size="64x48")),
+         "-c", "copy", "-f", "mpegts", str(segment)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    crafted = tmp_path / "looped.ts"
+    crafted.write_bytes(segment.read_bytes() * 12)  # decodes to ~120 s
+    info = probe_media(crafted)
+    assert info.duration_s < 15  # the probe reads the first segment
+    bound = decode_bound(info.duration_s, Settings().max_duration_seconds)
+    out = tmp_path / "d"
+    with pytest.raises(PermanentMediaError, match=r"looped.ts: the file states .* but decodes to more .* remux"):
+        extract_media(crafted, out, info, 2.0, 64 * 48, timeout=60, name="looped.ts")
+    assert len(list((out / "frames").glob("*.jpg"))) <= max_frames(bound, 2.0)
+    assert (out / "audio.wav").stat().st_size <= bound * SAMPLE_RATE * 2 + 65536  # ffmpeg stops within a packet
+
+
+def test_the_decode_bound_follows_the_probe_and_the_limit(tmp_path):
+    from pipeline.media.extract import decode_bound
+
+    assert decode_bound(10.0, 6 * 3600) == 40.0  # 30 s at least
+    assert decode_bound(3600.0, 6 * 3600) == 4500.0  # a quarter for long files
+    assert decode_bound(3600.0, 3700.0) == 3700.0  # never past OMNIQ_MAX_DURATION_SECONDS
+    info = MediaInfo(1, 10.0, "mp4", True, True, 64, 48, video_index=0, audio_index=1)
+    command = build_extract_command(tmp_path / "in.mp4", tmp_path / "out", info, 2.0, 448 * 448, max_seconds=40.0)
+    assert command.count("-t") == 2 and "-frames:v" in command and "-fs" in command
+    assert command[command.index("-frames:v") + 1] == "81"
