@@ -98,7 +98,8 @@ def fetch_source(uri: str, directory: Path, settings: Settings, name: str | None
     """A local path with the source's bytes: local files are used in place, S3 objects are downloaded.
 
     An object's size is checked against ``OMNIQ_MAX_FILE_BYTES`` before a byte is fetched (the object may have
-    grown since it was enqueued), and the download stops if more bytes arrive than the limit allows. ``name`` is how errors name the source.
+    grown since it was enqueued), and the download stops if more bytes arrive than the limit allows.
+    ``name`` is how errors name the source.
     """
     name = name or uri
     path = local_path(uri)

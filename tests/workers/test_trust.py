@@ -53,7 +53,9 @@ def test_a_bucket_name_outside_s3s_rules_is_a_malformed_event(bucket, key, overr
         with pytest.raises(MalformedEvent, match="not a valid S3 bucket name"):
             parse_message(minio_event(f"{bucket}/{key}"))
     producer = FakeProducer()
-    (result,) = handle_messages([json.dumps(event_in(bucket, key))], KeyFilter.from_settings(settings(**overrides)), producer)
+    (result,) = handle_messages(
+        [json.dumps(event_in(bucket, key))], KeyFilter.from_settings(settings(**overrides)), producer
+    )
     assert result.malformed and result.done and producer.calls == []  # dropped, never enqueued or retried
 
 
