@@ -2,7 +2,7 @@
 
 The page holds the summary, a timeline of chunks (thumbnail, time span, captions, chunk summary) and the
 timed transcript; clicking a segment or a chunk seeks the embedded player when the media is reachable
-(a local ``file://`` URI, a presigned S3 URL, or ``/media`` on ``omniq view --serve``).
+(a local ``file://`` URI, a presigned S3 URL, or ``/<token>/media`` on ``omniq view --serve``).
 
 Everything in it comes from the model or the user, so every text is HTML-escaped; thumbnails are ``data:``
 URIs, the CSS and the script are inline and pinned by hash in a Content-Security-Policy that allows no
@@ -105,7 +105,9 @@ def _number(value: Any) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def _player_html(manifest: dict[str, Any], media_url: str | None) -> str:
+def _player_html(manifest: dict[str, Any], media_url: str | None, player_note: str | None) -> str:
+    if not media_url and player_note:
+        return f'<p class="note" id="no-player">{escape(player_note)}</p>'
     if not media_url:
         media_id = escape(str(manifest.get("media_id", "MEDIA_ID")))
         return (
@@ -179,10 +181,12 @@ def render_viewer(
     summary: dict[str, Any],
     thumbnails: Mapping[int, bytes],
     media_url: str | None,
+    player_note: str | None = None,
 ) -> str:
     """The page for one finished job as a self-contained HTML document (see the module docstring).
 
-    ``thumbnails`` maps chunk indices to JPEG bytes; ``media_url`` is what the player plays (None: no player).
+    ``thumbnails`` maps chunk indices to JPEG bytes; ``media_url`` is what the player plays (None: no player,
+    and ``player_note`` says why in place of the generic note).
     """
     source = str(manifest.get("source", ""))
     name = escape(source_name(source))
@@ -224,7 +228,7 @@ def render_viewer(
 <main>
 <div class="side">
 <section class="card" id="media">
-{_player_html(manifest, media_url)}
+{_player_html(manifest, media_url, player_note)}
 </section>
 <section class="card" id="summary">
 <h2>Summary</h2>

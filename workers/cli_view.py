@@ -3,32 +3,43 @@
 The page is rendered again from the stored results with a fresh media URL (the local file, or a presigned
 S3 URL), so it plays even when the stored ``index.html`` cannot. ``add_commands`` adds the command to the
 ``omniq`` parser; the page itself comes from ``pipeline.viewer``.
+
+``--serve`` listens on a loopback address only, and only under a random path (``/<token>/``) that it prints
+and opens, since other users of this machine can reach a loopback port too. It streams the local source
+only while that file is still the one the results were made from (see ``open_processed_source``): a
+manifest names the file, and a manifest is not trusted to choose which files the server reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import ipaddress
 import mimetypes
 import os
 import re
+import secrets
 import socket
 import tempfile
 import webbrowser
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, SourceNotFound
-from pipeline.sources import local_path, resolve_source
+from pipeline.sources import SourceRef, local_path, resolve_source
 from pipeline.spec import get_json, results_prefix
 from pipeline.storage import LocalStorage, Storage, open_storage
-from pipeline.viewer import PAGE_NAME, load_viewer_inputs, media_url_for, render_viewer
+from pipeline.viewer import PAGE_NAME, ViewerInputs, load_viewer_inputs, media_url_for, render_viewer
 
 MEDIA_ID = re.compile(r"[0-9a-f]{20}")
-MEDIA_PATH = "/media"  # where ``--serve`` streams a local source file
+MEDIA_NAME = "media"  # ``--serve`` streams a local source file at /<token>/media
 COPY_BLOCK = 256 * 1024
 
 
@@ -58,27 +69,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     media_id = find_media_id(args.target, storage, settings)
     inputs = load_viewer_inputs(storage, media_id)
     if args.serve or not isinstance(storage, LocalStorage):
-        check_loopback(args.host)
-        source_path = local_path(str(inputs.manifest.get("source", "")))
-        if source_path is not None and not source_path.is_file():
-            source_path = None
-        media_url = MEDIA_PATH if source_path is not None else media_url_for(inputs.manifest, settings)
-        page = render_viewer(
-            inputs.manifest, inputs.transcript, inputs.captions, inputs.summary, inputs.thumbnails, media_url
-        )
-        server = make_server(page.encode(), source_path, args.host, args.port)
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        url = f"http://{host}:{server.server_address[1]}/"
-        print(f"serving {url} (Ctrl-C stops)", flush=True)
-        if not args.no_open:
-            webbrowser.open(url)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
-        return 0
+        return serve_viewer(inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open)
     media_url = media_url_for(inputs.manifest, settings)
     page = render_viewer(
         inputs.manifest, inputs.transcript, inputs.captions, inputs.summary, inputs.thumbnails, media_url
@@ -96,6 +87,129 @@ def cmd_view(args: argparse.Namespace) -> int:
     if not args.no_open:
         webbrowser.open(path.as_uri())
     return 0
+
+
+def serve_viewer(
+    inputs: ViewerInputs, media_id: str, settings: Settings, host: str, port: int, *, open_browser: bool
+) -> int:
+    """Serve the page (and a local source that is still the processed file) on ``host`` until Ctrl-C."""
+    check_loopback(host)
+    token = secrets.token_urlsafe(32)
+    source = str(inputs.manifest.get("source") or "")
+    with ExitStack() as cleanup:
+        media: SourceFile | None = None
+        media_url, player_note = None, None
+        if source and local_path(source) is not None:
+            try:
+                media = open_processed_source(inputs.manifest, media_id)
+                cleanup.callback(media.close)
+                media_url = f"/{token}/{MEDIA_NAME}"
+            except ValueError as error:
+                player_note = str(error)
+        else:
+            media_url = media_url_for(inputs.manifest, settings)
+        page = render_viewer(
+            inputs.manifest,
+            inputs.transcript,
+            inputs.captions,
+            inputs.summary,
+            inputs.thumbnails,
+            media_url,
+            player_note,
+        )
+        server = make_server(page.encode(), media, token, host, port)
+        cleanup.callback(server.server_close)
+        address = f"[{host}]" if ":" in host else host
+        url = f"http://{address}:{server.server_address[1]}/{token}/"
+        print(f"serving {url} (Ctrl-C stops)", flush=True)
+        if open_browser:
+            launch_page = write_launch_page(url)
+            cleanup.callback(launch_page.unlink, missing_ok=True)
+            webbrowser.open(launch_page.as_uri())
+        with suppress(KeyboardInterrupt):
+            server.serve_forever()
+    return 0
+
+
+def write_launch_page(url: str) -> Path:
+    """A private (0600) temporary page that forwards the browser to ``url``.
+
+    The browser opens this file rather than the URL because command lines (the browser's, xdg-open's) are
+    visible to every user of the machine, and the URL holds the token; Jupyter does the same.
+    """
+    fd, name = tempfile.mkstemp(prefix="omniq-view-", suffix=".html")
+    link = escape(url)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(
+            '<!DOCTYPE html>\n<meta charset="utf-8">\n<meta name="referrer" content="no-referrer">\n'
+            f'<meta http-equiv="refresh" content="0;url={link}">\n<title>omniq view</title>\n'
+            f'<p><a href="{link}">Open the omniq viewer</a></p>\n'
+        )
+    return Path(name)
+
+
+def file_fingerprint(status: os.stat_result) -> str:
+    """A local file's fingerprint as ``pipeline.sources.resolve_source`` takes it (and manifests record it)."""
+    return f"size={status.st_size};mtime_ns={status.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The processed local source, opened once; each request checks first that it is still that file.
+
+    Serving from the descriptor checked at start means a path swapped afterwards (a rename, a symlink)
+    changes nothing served, and a change to the file itself (its size or mtime) stops the serving.
+    """
+
+    path: Path
+    descriptor: int
+    fingerprint: str
+
+    def current_size(self) -> int | None:
+        """The file's size, or None when it changed since it was checked."""
+        status = os.fstat(self.descriptor)
+        return status.st_size if file_fingerprint(status) == self.fingerprint else None
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.descriptor, size, offset)  # positional: safe from the server's threads at once
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
+def open_processed_source(manifest: dict[str, Any], media_id: str) -> SourceFile:
+    """The local source the results of ``media_id`` were made from, opened, if this is still that file.
+
+    It must be a regular file (not a symlink, device, FIFO or folder) whose fingerprint (size and mtime) is
+    the manifest's, and naming it as omniq names sources (its URI and that fingerprint) must give
+    ``media_id``. A manifest edited to name another file, or a file changed or replaced since, fails: its bytes
+    are not this job's media. Raises ValueError with the reason, which the page shows instead of the player.
+    """
+    source = str(manifest.get("source") or "")
+    path = local_path(source)
+    if path is None:
+        raise ValueError(f"The source {source} is not a local file, so this page has no player.")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        raise ValueError(
+            f"The source file {path} cannot be opened here ({error.strerror}), so the player is off; "
+            "run omniq view where the processed file can be read."
+        ) from error
+    status = os.fstat(descriptor)
+    fingerprint = file_fingerprint(status)
+    if not S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise ValueError(f"The source {path} is not a regular file, so the player is off.")
+    named = SourceRef(source, fingerprint, status.st_size).media_id  # as the job named it, if it is the file
+    if fingerprint != manifest.get("fingerprint") or named != media_id:
+        os.close(descriptor)
+        raise ValueError(
+            f"The source file {path} changed since it was processed (or is not the file that was), so the "
+            "player is off: process it again to play it here."
+        )
+    return SourceFile(path, descriptor, fingerprint)
 
 
 def find_media_id(target: str, storage: Storage, settings: Settings) -> str:
@@ -169,8 +283,25 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def make_server(page: bytes, media_path: Path | None, host: str, port: int) -> ThreadingHTTPServer:
-    """A server for the page at ``/`` and, when given, the media file at ``/media`` (with Range support)."""
+def requested_resource(request_path: str, token: str) -> str | None:
+    """What a request path asks for under ``/<token>/`` (``/``, ``/media``…), or None without the token.
+
+    The token is compared in constant time, so how long an answer takes says nothing about a guess.
+    """
+    given, _, rest = urlsplit(request_path).path.removeprefix("/").partition("/")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return None
+    return "/" + rest
+
+
+def make_server(page: bytes, media: SourceFile | None, token: str, host: str, port: int) -> ThreadingHTTPServer:
+    """A server for the page at ``/<token>/`` and, when given, the media file at ``/<token>/media`` (with Range).
+
+    Any other path, and every path without the token, gets 404 and no content: a request without the token
+    learns nothing, not even whether there is media. ``/<token>/media`` is 404 too when there is no media
+    (the source was not the processed file at start, so there never was any here), and 410 Gone once the
+    file changes while serving (there was, and it is no longer the processed file).
+    """
 
     class ViewerHandler(BaseHTTPRequestHandler):
         server_version = "omniq-view"
@@ -185,11 +316,11 @@ def make_server(page: bytes, media_path: Path | None, host: str, port: int) -> T
             if not self._host_allowed():  # a DNS-rebinding page must not read the results
                 self._send(421, b"wrong Host header\n", "text/plain", body)
                 return
-            path = urlsplit(self.path).path
-            if path in ("/", f"/{PAGE_NAME}"):
+            resource = requested_resource(self.path, token)
+            if resource in ("/", f"/{PAGE_NAME}"):
                 self._send(200, page, "text/html; charset=utf-8", body)
-            elif path == MEDIA_PATH and media_path is not None:
-                self._send_media(media_path, body)
+            elif resource == f"/{MEDIA_NAME}" and media is not None:
+                self._send_media(media, body)
             else:
                 self._send(404, b"not found\n", "text/plain", body)
 
@@ -207,8 +338,11 @@ def make_server(page: bytes, media_path: Path | None, host: str, port: int) -> T
             if body:
                 self.wfile.write(data)
 
-        def _send_media(self, path: Path, body: bool) -> None:
-            size = path.stat().st_size
+        def _send_media(self, media: SourceFile, body: bool) -> None:
+            size = media.current_size()
+            if size is None:
+                self._send(410, b"the source file changed since it was processed\n", "text/plain", body)
+                return
             try:
                 span = byte_range(self.headers.get("Range"), size)
             except ValueError:
@@ -219,26 +353,26 @@ def make_server(page: bytes, media_path: Path | None, host: str, port: int) -> T
                 return
             start, end = span or (0, size - 1)
             self.send_response(206 if span else 200)
-            self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+            self.send_header("Content-Type", mimetypes.guess_type(media.path.name)[0] or "application/octet-stream")
             self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Cache-Control", "no-store")
             if span:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
             if not body:
                 return
-            with path.open("rb") as handle:
-                handle.seek(start)
-                remaining = end - start + 1
-                try:
-                    while remaining > 0:
-                        block = handle.read(min(COPY_BLOCK, remaining))
-                        if not block:
-                            break
-                        self.wfile.write(block)
-                        remaining -= len(block)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the player moved on (a seek) and dropped this request
+            offset, remaining = start, end - start + 1
+            try:
+                while remaining > 0:
+                    block = media.read(offset, min(COPY_BLOCK, remaining))
+                    if not block:
+                        break
+                    self.wfile.write(block)
+                    offset += len(block)
+                    remaining -= len(block)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the player moved on (a seek) and dropped this request
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -248,6 +382,10 @@ def make_server(page: bytes, media_path: Path | None, host: str, port: int) -> T
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     try:
-        return Server((host, port), ViewerHandler)
+        server = Server((host, port), ViewerHandler)
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port} ({error}); choose another --port") from error
+    if not ipaddress.ip_address(server.server_address[0]).is_loopback:  # e.g. "localhost" mapped elsewhere
+        server.server_close()
+        raise ConfigError(f"--host {host} resolved to {server.server_address[0]}, not a loopback address")
+    return server

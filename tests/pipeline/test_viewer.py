@@ -171,6 +171,16 @@ def test_video_audio_or_no_player() -> None:
     assert "not reachable from this page" in html and "omniq view 0123456789abcdef0123" in html
 
 
+def test_a_player_note_says_why_there_is_no_player() -> None:
+    docs = results()
+    args = (docs["manifest"], docs["transcript"], docs["captions"], docs["summary"], {})
+    html = render_viewer(*args, None, "The source <b>changed</b>; the player is off.")
+    assert '<p class="note" id="no-player">The source &lt;b&gt;changed&lt;/b&gt;; the player is off.</p>' in html
+    assert 'id="player"' not in html and "not reachable from this page" not in html
+    played = render_viewer(*args, "/tok3n/media", "unused")
+    assert [v["src"] for v in Elements(played).named("video")] == ["/tok3n/media"] and "unused" not in played
+
+
 def test_random_weights_banner() -> None:
     assert 'id="random-weights"' not in page(results())
     html = page(results(random_weights=True, notice="Random <b>text</b>."))

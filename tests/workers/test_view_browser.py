@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import urllib.request
@@ -26,7 +27,7 @@ from pipeline.spec import put_json
 from pipeline.storage import LocalStorage
 from pipeline.viewer import write_viewer
 from tests.browser import chromium_page
-from workers.cli_view import byte_range, check_loopback
+from workers.cli_view import byte_range, check_loopback, write_launch_page
 
 # Chromium is installed by .ci/run (Debian's package): a missing browser fails these tests, never skips them.
 
@@ -62,6 +63,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     manifest: dict[str, Any] = {
         "status": "done",
         "source": ref.uri,
+        "fingerprint": ref.fingerprint,
         "media_id": ref.media_id,
         "job_id": f"{ref.media_id}-0000000000",
         "duration_s": 12.0,
@@ -132,8 +134,8 @@ VIEW = [sys.executable, "-m", "workers.cli", "view"]
 
 
 @contextmanager
-def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``omniq view ARGS --serve --port 0 --no-open`` running; yields the URL it prints."""
+def serving(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> Iterator[str]:
+    """``omniq view ARGS --serve --port 0 --no-open`` running; yields the URL it prints (within ``timeout_s``)."""
     process = subprocess.Popen(
         [*VIEW, *args, "--serve", "--port", "0", "--no-open"],
         cwd=REPO,
@@ -143,8 +145,9 @@ def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
         text=True,
     )
     try:
-        line = process.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+        line = process.stdout.readline() if ready else ""
+        match = re.search(r"http://127\.0\.0\.1:\d+/\S*", line)
         assert match, f"no URL in {line!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
         yield match.group(0)
     finally:
@@ -167,7 +170,8 @@ def test_view_serves_the_page_and_the_media(served: str, store: Store) -> None:
     with urllib.request.urlopen(served, timeout=10) as response:
         assert response.status == 200
         html = response.read().decode()
-    assert html.count('class="segment"') == len(SEGMENTS) and 'src="/media"' in html
+    token_path = served.split("/", 3)[3]  # http://127.0.0.1:PORT/<token>/
+    assert html.count('class="segment"') == len(SEGMENTS) and f'src="/{token_path}media"' in html
     request = urllib.request.Request(served + "media", headers={"Range": "bytes=100-199"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 206
@@ -182,6 +186,18 @@ def test_served_page_seeks_in_chromium(served: str) -> None:
         page.goto(served)
         assert abs(seek_by_clicking(page, 2) - SEGMENTS[2][0]) < 1.5
     assert all(url.startswith(served) for url in requests), requests
+
+
+def test_the_launch_page_forwards_chromium_to_the_served_page(served: str) -> None:
+    launch_page = write_launch_page(served)
+    try:
+        assert launch_page.stat().st_mode & 0o777 == 0o600  # it holds the token: other users must not read it
+        with chromium_page() as page:
+            page.goto(launch_page.as_uri())
+            page.wait_for_url(served)
+            assert page.locator(".segment").count() == len(SEGMENTS)
+    finally:
+        launch_page.unlink()
 
 
 def test_s3_results_are_served_with_a_presigned_media_url(
