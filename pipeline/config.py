@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     # Model
-    model: str = DEFAULT_MODEL  # hub id, local path, or "tiny"
+    model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=1024)  # hub id, local path, or "tiny"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     batch_size: int = Field(default=4, ge=1, le=64)  # rows per generate call
@@ -44,22 +44,22 @@ class Settings(BaseSettings):
     attention: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2 | ...
     experts: str = "auto"  # MoE experts: auto (grouped_mm, batched_mm for decode on GPU) | grouped_mm | eager | ...
     language: str | None = None  # ISO 639-1 code or English name ("en", "English"); None: detected per file
-    transcript_max_new_tokens: int = Field(default=256, ge=1)
-    caption_max_new_tokens: int = Field(default=128, ge=1)
-    summary_max_new_tokens: int = Field(default=192, ge=1)
+    transcript_max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    caption_max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    summary_max_new_tokens: int = Field(default=192, ge=1, le=8192)
 
     # Media
     chunk_seconds: float = Field(default=30.0, gt=0, le=600)
-    chunk_overlap_seconds: float = Field(default=0.0, ge=0)
-    silence_search_seconds: float = Field(default=3.0, ge=0)  # how far a boundary may move to silence
-    silence_noise_db: float = -35.0
-    silence_min_seconds: float = Field(default=0.3, gt=0)
+    chunk_overlap_seconds: float = Field(default=0.0, ge=0, le=60)
+    silence_search_seconds: float = Field(default=3.0, ge=0, le=60)  # how far a boundary may move to silence
+    silence_noise_db: float = Field(default=-35.0, ge=-120, le=0)
+    silence_min_seconds: float = Field(default=0.3, gt=0, le=10)
     # Speech (README "Transcripts and subtitles"): Silero VAD at ingest; one transcript row per utterance
     vad_threshold: float = Field(default=0.5, gt=0, lt=1)  # speech probability above which a window is speech
     utterance_merge_seconds: float = Field(default=0.3, ge=0, le=2)  # speech closer than this is one utterance
     utterance_max_seconds: float = Field(default=10.0, ge=2, le=30)  # longer runs split at their quietest point
     fps: float = Field(default=2.0, gt=0, le=30)
-    frame_max_pixels: int = Field(default=448 * 448, ge=32 * 32)
+    frame_max_pixels: int = Field(default=448 * 448, ge=32 * 32, le=4096 * 4096)
     max_file_bytes: int = Field(default=50 * 1024**3, gt=0)
     max_duration_seconds: float = Field(default=6 * 3600.0, gt=0)
     max_dimension: int = Field(default=8192, gt=0)
@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # Storage lifecycle
     keep_work: bool = False
+    # Folders whose files workers may read as local sources (comma-separated). Besides these, a worker reads
+    # local files only from its store, where the producer puts (links or uploads) what it enqueues.
+    local_source_roots: str = ""
 
     # Search index (see pipeline/search.py): sqlite:///path; unset = index.sqlite beside local results,
     # or under cache_dir when results are on S3
@@ -99,6 +102,21 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(default=6 * 3600, ge=60)
     flower_basic_auth: SecretStr | None = None  # "user:password" for omniq flower
     metrics_basic_auth: SecretStr | None = None  # "user:password" for a metrics port beyond loopback
+    # Signed queue messages (README "Security"): this process's key and certificate (PEM), and the folder of the
+    # certificates whose messages are accepted; all three or none
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    signing_cert_store: Path | None = None
+
+    @model_validator(mode="after")
+    def _signing_all_or_none(self) -> Settings:
+        given = [self.signing_key, self.signing_cert, self.signing_cert_store]
+        if any(given) and not all(given):
+            raise ValueError(
+                "message signing needs OMNIQ_SIGNING_KEY, OMNIQ_SIGNING_CERT and OMNIQ_SIGNING_CERT_STORE together "
+                "(a private key, its certificate and a folder of trusted certificates), or none of them"
+            )
+        return self
 
     @field_validator("language")
     @classmethod
@@ -131,31 +149,40 @@ class Settings(BaseSettings):
         parts = (p.strip().lower() for p in self.media_extensions.split(","))
         return frozenset(p if p.startswith(".") else f".{p}" for p in parts if p)
 
+    def local_source_paths(self) -> list[Path]:
+        """``local_source_roots`` as resolved folders."""
+        return [Path(p.strip()).expanduser().resolve() for p in self.local_source_roots.split(",") if p.strip()]
+
     def effective_config(self) -> dict[str, object]:
         """The settings that change outputs; they go into job ids and manifests."""
         from pipeline.prompts import PROMPT_VERSION
 
-        return {
-            "model": self.model,
-            "prompt_version": PROMPT_VERSION,
-            "language": self.language,
-            "chunk_seconds": self.chunk_seconds,
-            "chunk_overlap_seconds": self.chunk_overlap_seconds,
-            "silence_search_seconds": self.silence_search_seconds,
-            "silence_noise_db": self.silence_noise_db,
-            "silence_min_seconds": self.silence_min_seconds,
-            "vad_threshold": self.vad_threshold,
-            "utterance_merge_seconds": self.utterance_merge_seconds,
-            "utterance_max_seconds": self.utterance_max_seconds,
-            "fps": self.fps,
-            "frame_max_pixels": self.frame_max_pixels,
-            "transcript_max_new_tokens": self.transcript_max_new_tokens,
-            "caption_max_new_tokens": self.caption_max_new_tokens,
-            "summary_max_new_tokens": self.summary_max_new_tokens,
-        }
+        return {"prompt_version": PROMPT_VERSION, **{name: getattr(self, name) for name in OUTPUT_SETTINGS}}
 
     def config_hash(self) -> str:
         return config_hash_of(self.effective_config())
+
+
+# The settings a job carries (its config, in its id and its messages) and applies on every worker; every other
+# setting (endpoints, credentials, limits, paths) is the worker's own, from its environment (README "Security").
+OUTPUT_SETTINGS = (
+    "model",
+    "language",
+    "chunk_seconds",
+    "chunk_overlap_seconds",
+    "silence_search_seconds",
+    "silence_noise_db",
+    "silence_min_seconds",
+    "vad_threshold",
+    "utterance_merge_seconds",
+    "utterance_max_seconds",
+    "fps",
+    "frame_max_pixels",
+    "transcript_max_new_tokens",
+    "caption_max_new_tokens",
+    "summary_max_new_tokens",
+)
+CONFIG_KEYS = frozenset({"prompt_version", *OUTPUT_SETTINGS})
 
 
 def config_hash_of(config: dict[str, object]) -> str:

@@ -33,3 +33,8 @@ class ConfigError(PermanentError):
 
 class SourceNotFound(PermanentError):
     """The input file or object does not exist or cannot be read."""
+
+
+class MalformedMessage(PermanentError):
+    """A queue message (or a job record) that omniq did not write: wrong fields, ids that do not match, or an
+    input it may not read. Workers drop it (README "Security")."""

@@ -42,6 +42,7 @@ from pipeline.sources import fetch_source
 from pipeline.spec import (
     JobPlan,
     JobSpec,
+    check_input,
     get_json,
     load_plan,
     make_spec,
@@ -49,6 +50,7 @@ from pipeline.spec import (
     put_json,
     results_prefix,
     settings_for,
+    staged_input_key,
     work_prefix,
 )
 from pipeline.storage import Storage
@@ -62,6 +64,7 @@ __all__ = [
     "JobOutcome",
     "JobPlan",
     "JobSpec",
+    "check_input",
     "config_hash_of",
     "finalize",
     "finished_manifest",
@@ -73,6 +76,7 @@ __all__ = [
     "run_job",
     "run_jobs",
     "settings_for",
+    "staged_input_key",
     "summarize",
     "update_index",
     "work_prefix",

@@ -6,9 +6,11 @@ import hashlib
 import re
 
 from celery import Celery
+from celery.exceptions import SecurityError
 from kombu import Queue
 
 from pipeline.config import Settings
+from pipeline.errors import ConfigError
 
 MEDIA_QUEUE = "media"
 GPU_QUEUE = "gpu"  # the kind; each model has its own queue, see gpu_queue_for
@@ -81,10 +83,46 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
+def signing_config(settings: Settings) -> dict[str, object]:
+    """Celery's message signing (its ``auth`` serializer over JSON) when the settings name a key: every task,
+    event and control message is signed with this process's key, and only messages signed by a certificate in
+    the store are accepted (README "Security")."""
+    if settings.signing_key is None:
+        return {}
+    for name, path in (("OMNIQ_SIGNING_KEY", settings.signing_key), ("OMNIQ_SIGNING_CERT", settings.signing_cert)):
+        if path is None or not path.is_file():
+            raise ConfigError(f"{name}={path}: no such file; give the PEM file")
+    store = settings.signing_cert_store
+    if store is None or not store.is_dir() or not any(store.iterdir()):
+        raise ConfigError(f"OMNIQ_SIGNING_CERT_STORE={store}: give a folder holding the trusted certificates (PEM)")
+    for path in sorted(store.iterdir()):  # Celery reads every file there as a certificate
+        if not path.is_file() or b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+            raise ConfigError(
+                f"OMNIQ_SIGNING_CERT_STORE: {path} is not a PEM certificate; the folder holds certificates only "
+                "(keep private keys elsewhere)"
+            )
+    return {
+        "task_serializer": "auth",
+        "event_serializer": "auth",
+        "accept_content": ["auth"],
+        "security_key": str(settings.signing_key),
+        "security_certificate": str(settings.signing_cert),
+        "security_cert_store": f"{store}/*",
+        "security_digest": "sha256",
+    }
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     app = Celery("omniq", include=["workers.tasks", "workers.lifecycle"])
     app.conf.update(celery_config(settings))
+    signing = signing_config(settings)
+    if signing:
+        app.conf.update(signing)
+        try:
+            app.setup_security(allowed_serializers=["json"], serializer="json")  # the signed content stays JSON
+        except SecurityError as error:  # e.g. a key that is not RSA, an expired certificate
+            raise ConfigError(f"message signing: {error}; check OMNIQ_SIGNING_KEY and OMNIQ_SIGNING_CERT") from error
     return app
 
 

@@ -147,6 +147,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from pipeline.errors import MalformedMessage
+    from pipeline.spec import JobSpec, settings_for
     from pipeline.storage import open_storage
     from workers.producer import enqueue
 
@@ -164,9 +166,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"omniq: job {job_id} is {why}: only failed or cancelled jobs can be retried", file=sys.stderr)
             code = 1
             continue
-        # the job's own output-shaping settings (model included), as when it was first enqueued
-        config = {k: v for k, v in spec["config"].items() if k in Settings.model_fields}
-        job_settings = settings.model_copy(update=config)
+        # the job's own output-shaping settings (model included), as when it was first enqueued; only those,
+        # validated: a job record is input (README "Security")
+        try:
+            job_settings = settings_for(JobSpec.from_dict(spec), settings)
+        except MalformedMessage as error:
+            print(f"omniq: job {job_id} cannot be retried: its record in Redis is malformed ({error})", file=sys.stderr)
+            code = 1
+            continue
         outcome = enqueue(
             [spec["source"]], job_settings, storage, state, force=True, tag=spec.get("tag"), priority=spec["priority"]
         )[0]

@@ -50,6 +50,9 @@ RETRIES = Counter("omniq_task_retries", "Task retries after transient errors", (
 RECOVERED = Counter(
     "omniq_recovered_units", "Units of work the watchdog sent again, by why", ("queue", "model", "reason")
 )
+MALFORMED_MESSAGES = Counter(
+    "omniq_malformed_messages", "Queue messages refused as not written by omniq (README Security)", ("queue", "task")
+)
 WORKER_DEATHS = Counter("omniq_worker_deaths", "Units whose worker died while running them", ("queue", "model"))
 
 

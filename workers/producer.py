@@ -24,7 +24,7 @@ from pipeline.config import Settings
 from pipeline.discover import Discovered, Filters, discover
 from pipeline.errors import OmniqError
 from pipeline.sources import local_path
-from pipeline.storage import Storage
+from pipeline.storage import LocalStorage, Storage
 from workers.leases import Leases
 from workers.recovery import INGEST
 from workers.restore import record_batch
@@ -131,7 +131,7 @@ def enqueue(
                     continue
                 candidates.append((position, spec))
             # uploads (local sources to a remote store) in parallel: each is a request of its own
-            errors = list(pool.map(lambda pair: _prepare(pair[1], storage, force), candidates))
+            errors = list(pool.map(lambda pair: _prepare(pair[1], storage, settings, force), candidates))
             to_publish: list[tuple[int, job.JobSpec]] = []
             for (position, spec), error in zip(candidates, errors, strict=True):
                 if error is None:
@@ -165,15 +165,20 @@ def enqueue(
     return outcomes
 
 
-def _prepare(spec: job.JobSpec, storage: Storage, force: bool) -> OmniqError | None:
+def _prepare(spec: job.JobSpec, storage: Storage, settings: Settings, force: bool) -> OmniqError | None:
     """Make the source readable by every worker; a forced run starts without an earlier run's files."""
     try:
         if force:
             storage.delete_prefix(job.work_prefix(spec.job_id))
         path = local_path(spec.source)
-        if path is not None and not storage.url.startswith("file:"):
-            key = f"{job.work_prefix(spec.job_id)}/input/{path.name}"
-            storage.put_file(key, path)  # remote workers cannot read this machine's disk
+        if path is not None and not any(path.resolve().is_relative_to(r) for r in settings.local_source_paths()):
+            # workers read local files only from their store and OMNIQ_LOCAL_SOURCE_ROOTS (README "Security"),
+            # and remote workers cannot read this machine's disk at all
+            key = job.staged_input_key(spec.job_id, path.name)
+            if isinstance(storage, LocalStorage):
+                storage.link_file(key, path)
+            else:
+                storage.put_file(key, path)
             spec.input_uri = storage.uri(key)
     except OmniqError as error:
         return error

@@ -25,12 +25,13 @@ from kombu.exceptions import OperationalError
 from pipeline import job
 from pipeline.config import Settings
 from pipeline.engines.base import Engine
-from pipeline.errors import OmniqError, SourceNotFound, TransientError
+from pipeline.errors import MalformedMessage, OmniqError, SourceNotFound, TransientError
 from pipeline.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
 from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
 from workers.leases import Acquired, Leases, holder_name
+from workers.messages import JOB_ID, check_message
 from workers.pool import SoloGate
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
 from workers.state import FINISHED, PENDING_FAILURES, JobState
@@ -170,9 +171,10 @@ class OmniqTask(Task):
             metrics.QUEUE_WAIT.labels(**labels).observe(max(0.0, time.time() - float(sent_at)))
         started = time.monotonic()
         try:
-            if "job_id" not in kwargs:
-                return super().__call__(*args, **kwargs)
+            check_message(self.name, args, kwargs, settings(), storage())
             return self._run_unit(args, kwargs)
+        except MalformedMessage as error:
+            return _refuse_message(self.name, self.request.id, kwargs, error)
         finally:
             metrics.TASK_SECONDS.labels(**labels).observe(time.monotonic() - started)
 
@@ -275,6 +277,20 @@ class OmniqTask(Task):
             fail_job(job_id, error_text(exc), kwargs.get("spec"))
 
 
+def _refuse_message(task: str, task_id: str | None, kwargs: dict[str, Any], error: MalformedMessage) -> None:
+    """Drop a message omniq did not write; but a job whose own spec (as its record holds it) cannot run fails."""
+    metrics.MALFORMED_MESSAGES.labels(queue=MEDIA_QUEUE if task not in GPU_TASKS else GPU_QUEUE, task=task).inc()
+    job_id = kwargs.get("job_id")
+    if task == "omniq.ingest" and isinstance(job_id, str) and JOB_ID.fullmatch(job_id):
+        import json
+
+        stored = state().redis.hget(JobState.key(job_id), "spec")
+        if stored and json.loads(stored) == kwargs.get("spec"):
+            fail_job(job_id, f"its spec cannot run here: {error}")
+            return
+    log.error("dropping a malformed %s message (task %s): %s", task, task_id, error)
+
+
 def runs_shared(task_name: str) -> bool:
     """In a GPU worker with several slots, units share the process: a death there may be another's fault."""
     return task_name in GPU_TASKS and gpu_slots(settings()) > 1
@@ -364,7 +380,12 @@ def write_failure_manifest(job_id: str) -> bool:
         return True
     import json
 
-    spec = job.JobSpec.from_dict(json.loads(record["spec"]))
+    try:
+        spec = job.JobSpec.from_dict(json.loads(record["spec"]))
+    except MalformedMessage as error:  # a record omniq did not write names no media to write a manifest for
+        log.error("job %s failed; no manifest is written, its record in Redis is malformed: %s", job_id, error)
+        state().redis.srem(PENDING_FAILURES, job_id)
+        return True
     try:
         job.write_failure(spec, storage(), settings(), record.get("error") or "failed", state().timings(job_id))
     except OmniqError as error:
@@ -413,8 +434,9 @@ def publish_unit(
 @app.task(name="omniq.ingest", base=OmniqTask, bind=True)
 def ingest(self: Task, job_id: str, source: str, spec: dict[str, Any]) -> None:
     """Probe, plan and extract a file, then send one ``omniq.infer`` per batch of chunks."""
-    job_spec = job.JobSpec.from_dict(spec)
+    job_spec = job.JobSpec.from_dict(spec)  # checked with the message (workers.messages)
     job_settings = job.settings_for(job_spec, settings())
+    job.check_input(job_spec, settings(), storage())
     state().advance(job_id, "ingesting", from_=("queued",))
     plan = job.ingest(job_spec, job_settings, storage())
     state().add_timings(job_id, plan.timings)

@@ -257,12 +257,17 @@ class Watchdog:
         tasks: Any,
     ) -> str:
         """Publish a unit again (counted in the job's ``recovered`` and the metrics under ``reason``)."""
+        from pipeline.errors import MalformedMessage
         from pipeline.spec import JobSpec
 
         if not record.get("spec"):
             log.warning("job %s has no spec in Redis; cannot send %s again", job_id, unit)
             return "skipped"
-        spec = JobSpec.from_dict(json.loads(record["spec"]))
+        try:
+            spec = JobSpec.from_dict(json.loads(record["spec"]))
+        except MalformedMessage as error:  # not a record omniq wrote: the job cannot run
+            tasks.fail_job(job_id, f"its record in Redis is malformed: {error}")
+            return "failed"
         attempt = self.state.incr(job_id, "recovered")
         tasks.publish_unit(spec, unit, chunks, suffix=f"-r{attempt}")
         tasks.metrics.RECOVERED.labels(queue=_kind(unit), model=str(spec.config.get("model")), reason=reason).inc()

@@ -319,3 +319,105 @@ def test_flower_lists_omniq_tasks(cluster, tmp_path):
         except subprocess.TimeoutExpired:
             flower.kill()
         log.close()
+
+
+def test_crafted_messages_change_no_worker_setting_and_read_no_local_file(cluster, tmp_path):
+    """What a review sent straight to the media queue (anyone holding the Redis password can): a spec that sets
+    the worker's S3 endpoint and limits, one that reads /etc/passwd as its input, one whose source is
+    /etc/passwd, and one for a job Redis does not know. None reaches the endpoint or opens the file."""
+    import socket
+    import threading
+
+    from pipeline.config import config_hash_of
+    from pipeline.sources import SourceRef, job_id_for, resolve_source
+    from workers.tasks import ingest
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    connections, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connections.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    attacker = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    settings, storage, state = cluster["settings"], cluster["storage"], cluster["state"]
+    clip = make_sample(tmp_path / "crafted.mp3", 3.0, video=False)
+    cluster["s3"].client().upload_file(str(clip), cluster["bucket"], "incoming/crafted.mp3")
+    real = resolve_source(f"s3://{cluster['bucket']}/incoming/crafted.mp3", settings)
+    passwd = Path("/etc/passwd").stat()
+
+    def forged(source, fingerprint, input_uri=None, **config):
+        full = settings.effective_config() | config
+        media_id = SourceRef(source, fingerprint, 0).media_id
+        job_id = job_id_for(media_id, config_hash_of(full))
+        spec = {"job_id": job_id, "media_id": media_id, "source": source, "input_uri": input_uri or source,
+                "fingerprint": fingerprint, "config": full, "tag": None, "priority": 5, "run_id": None}  # fmt: skip
+        return spec
+
+    cases = {
+        "only output-shaping settings": forged(
+            real.uri, real.fingerprint, s3_endpoint_url=attacker, max_file_bytes=10**15
+        ),
+        "neither its source nor its copy": forged(real.uri, real.fingerprint, input_uri="file:///etc/passwd"),
+        "OMNIQ_LOCAL_SOURCE_ROOTS": forged(
+            "file:///etc/passwd", f"size={passwd.st_size};mtime_ns={passwd.st_mtime_ns}"
+        ),
+    }
+    before = _value(_scrape(cluster["metrics_ports"]["media"]), "omniq_malformed_messages_total", task="omniq.ingest")
+    for spec in cases.values():
+        state.create(spec["job_id"], spec["source"], spec["media_id"], spec)
+        ingest.publish(5, f"{spec['job_id']}-ingest", job_id=spec["job_id"], source=spec["source"], spec=spec)
+    unknown = forged(real.uri, real.fingerprint, input_uri="file:///etc/shadow", fps=1.5)
+    ingest.publish(5, job_id=unknown["job_id"], source=unknown["source"], spec=unknown)  # no job record: dropped
+    try:
+        ended = _wait(cluster, [spec["job_id"] for spec in cases.values()], timeout=120)
+        for reason, spec in cases.items():
+            assert ended[spec["job_id"]]["status"] == "failed" and reason in ended[spec["job_id"]]["error"]
+            assert not storage.exists(f"work/{spec['job_id']}/plan.json")  # never probed, never decoded
+            assert not storage.exists(f"results/{spec['media_id']}/transcript.json")
+        assert state.get(unknown["job_id"]) is None
+        deadline = time.monotonic() + 30
+        while "dropping a malformed omniq.ingest" not in (cluster["logs"] / "media.log").read_text():
+            assert time.monotonic() < deadline, "the message for an unknown job was not dropped"
+            time.sleep(0.2)
+        refused = _value(
+            _scrape(cluster["metrics_ports"]["media"]), "omniq_malformed_messages_total", task="omniq.ingest"
+        )
+        assert refused - before == 3  # the endpoint and input forgeries and the unknown job; a root is a job failure
+        assert connections == []  # the worker's S3 credentials went nowhere else
+
+        # a pickle that would touch a file when loaded: workers take JSON only
+        from workers.app import app
+
+        marker = tmp_path / "unpickled"
+        app.send_task("omniq.ingest", kwargs={"job_id": _Touch(marker)}, queue="media", serializer="pickle")
+        legit = enqueue([str(make_sample(tmp_path / "after-crafted.mp3", 3.0, video=False))], settings, storage, state)
+        final = _wait(cluster, [legit[0].job_id])[legit[0].job_id]
+        assert final["status"] == "done" and not marker.exists()
+        logs = {name: (cluster["logs"] / f"{name}.log").read_text() for name in ("media", "gpu")}
+        assert "Refusing to deserialize untrusted content of type pickle" in logs["media"]
+        # and no secret in logs, manifests or status output
+        secret = cluster["env"]["AWS_SECRET_ACCESS_KEY"]
+        manifest = storage.get_bytes(f"results/{final['media_id']}/manifest.json").decode()
+        status = _cli(cluster, "status", "--json")
+        assert status.returncode == 0
+        for text in (*logs.values(), manifest, status.stdout, status.stderr):
+            assert secret not in text
+    finally:
+        stop.set()
+        listener.close()
+
+
+class _Touch:
+    """Pickled, it says: create this file when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))

@@ -12,7 +12,9 @@ import time
 import fakeredis
 import pytest
 
-from pipeline.config import Settings
+from pipeline.config import Settings, config_hash_of
+from pipeline.sources import SourceRef, job_id_for
+from pipeline.spec import JobSpec
 from tests.workers.conftest import queued
 from workers import tasks
 from workers.leases import Leases, _pid_namespace, holder_is_dead, lease_key, process_identity
@@ -264,6 +266,14 @@ def test_a_dead_holder_on_this_host_counts_as_no_holder(state):
 # -- one sweep ------------------------------------------------------------------------------------------
 
 
+def producer_spec(name: str) -> dict:
+    """A spec as the producer writes it: the watchdog checks that its ids follow from its content."""
+    ref = SourceRef(f"s3://media-in/{name}.mp4", "etag=e;size=1", 1)
+    config = Settings(model="tiny").effective_config()
+    job_id = job_id_for(ref.media_id, config_hash_of(config))
+    return JobSpec(job_id, ref.media_id, ref.uri, ref.uri, ref.fingerprint, config).to_dict()
+
+
 def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypatch):
     settings = Settings(model="tiny", max_worker_deaths=2)
     sent = []
@@ -273,34 +283,38 @@ def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypa
     failed = []
     monkeypatch.setattr(tasks, "fail_job", lambda job_id, reason, spec=None: failed.append((job_id, reason)))
     monkeypatch.setattr(tasks, "state", lambda: state)
-    spec = {
-        "job_id": "",
-        "media_id": "m",
-        "source": "s",
-        "input_uri": "s",
-        "fingerprint": "f",
-        "config": {"model": "tiny"},
-    }
-    for job_id in ("lost", "stranded", "poison", "busy"):
-        state.create(job_id, "s", "m", {**spec, "job_id": job_id})
+    specs = {name: producer_spec(name) for name in ("lost", "stranded", "poison", "busy", "forged")}
+    lost, stranded, poison, busy, forged = (specs[name]["job_id"] for name in specs)
+    for name, spec in specs.items():
+        state.create(spec["job_id"], spec["source"], spec["media_id"], spec)
+    # a record someone wrote to Redis by hand: its config sets a worker setting
+    forged_record = specs["forged"] | {"config": {**specs["forged"]["config"], "s3_endpoint_url": "http://x"}}
+    state.redis.hset(JobState.key(forged), "spec", json.dumps(forged_record))
     old = time.time() - 600
-    state.redis.hset(JobState.key("stranded"), mapping={"created_at": old, "updated_at": old})
-    for job_id in ("lost", "poison", "busy"):
+    for job_id in (stranded, forged):
+        state.redis.hset(JobState.key(job_id), mapping={"created_at": old, "updated_at": old})
+    for job_id in (lost, poison, busy):
         state.advance(job_id, "running", chunks_total=2)
         state.unit_done(job_id, "ingest")
         state.mark_sent([(job_id, "infer-0", [0, 1])])
         state.redis.hset(JobState.key(job_id, "units"), "infer-0:started", "1")
-    state.redis.hset(JobState.key("poison", "units"), "infer-0:deaths", "1")
-    state.complete_chunks("lost", [0], 2)
-    state.redis.set(lease_key("busy", "infer-0"), "h|1|2|x", px=45_000)
+    state.redis.hset(JobState.key(poison, "units"), "infer-0:deaths", "1")
+    state.complete_chunks(lost, [0], 2)
+    state.redis.set(lease_key(busy, "infer-0"), "h|1|2|x", px=45_000)
     from workers.watchdog import EPOCH, Watchdog
 
     state.redis.set(EPOCH, "1")  # not a fresh Redis: no restore from the store
     report = Watchdog(state, Leases(state, 45, 10), settings).sweep()
-    assert sorted(sent) == [("lost", "infer-0", [1]), ("stranded", "ingest", None)]
-    assert failed == [("poison", "worker died 2 times while processing chunks 0–1")]
-    assert report["resent"] == 2 and report["failed"] == 1
-    assert state.redis.hget(JobState.key("lost"), "recovered") == "1"
+    assert sorted(sent) == sorted([(lost, "infer-0", [1]), (stranded, "ingest", None)])
+    assert sorted(failed) == sorted(
+        [
+            (poison, "worker died 2 times while processing chunks 0–1"),
+            (forged, "its record in Redis is malformed: job spec config may hold only output-shaping settings; "
+             "not ['s3_endpoint_url']"),
+        ]
+    )  # fmt: skip
+    assert report["resent"] == 2 and report["failed"] == 2
+    assert state.redis.hget(JobState.key(lost), "recovered") == "1"
     assert Watchdog(state, Leases(state, 45, 10), settings).sweep() is None  # another worker holds the lock
 
 
@@ -309,13 +323,13 @@ def test_a_message_fetched_by_a_worker_that_died_before_starting_it_is_sent_agai
     unit's lease: without the watchdog, Redis would give it back only after the visibility timeout (hours)."""
     url, client, state = broker
     monkeypatch.setattr(tasks, "state", lambda: state)
-    spec = {"job_id": "j", "media_id": "m", "source": "s", "input_uri": "s", "fingerprint": "f",
-            "config": {"model": "tiny"}}  # fmt: skip
-    state.create("j", "s", "m", spec)
-    state.advance("j", "running", chunks_total=2)
-    state.unit_done("j", "ingest")
-    tasks.infer.publish(5, "j-infer-0", model="tiny", job_id="j", source="s", chunks=[0, 1])
-    state.mark_sent([("j", "infer-0", [0, 1])])
+    spec = producer_spec("j")
+    j = spec["job_id"]
+    state.create(j, spec["source"], spec["media_id"], spec)
+    state.advance(j, "running", chunks_total=2)
+    state.unit_done(j, "ingest")
+    tasks.infer.publish(5, f"{j}-infer-0", model="tiny", job_id=j, source=spec["source"], chunks=[0, 1])
+    state.mark_sent([(j, "infer-0", [0, 1])])
     fetch_and_die = (
         "import os, sys\nfrom kombu import Connection\n"
         "channel = Connection(sys.argv[1], transport_options={'sep': ':', 'priority_steps': list(range(10))}).channel()\n"
@@ -336,7 +350,7 @@ def test_a_message_fetched_by_a_worker_that_died_before_starting_it_is_sent_agai
     settings = Settings(model="tiny")
     assert Watchdog(state, Leases(state, 45, 10), settings).sweep(force=True)["resent_stranded"] == 0  # too new
     report = Watchdog(state, Leases(state, 45, 10), settings).sweep(now=time.time() + 60, force=True)
-    assert report["resent_stranded"] == 1 and sent == [("j", "infer-0", [0, 1])]
+    assert report["resent_stranded"] == 1 and sent == [(j, "infer-0", [0, 1])]
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
     # the stranded copy is gone: the next sweep finds nothing to send
     assert (

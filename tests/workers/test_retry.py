@@ -18,6 +18,7 @@ import pytest
 from pipeline import job
 from pipeline.config import Settings
 from pipeline.errors import PermanentMediaError, TransientError
+from pipeline.sources import SourceRef, job_id_for
 from pipeline.storage import LocalStorage
 from workers import state as state_module
 from workers import tasks
@@ -42,7 +43,9 @@ class Clock:
 def wired(monkeypatch, tmp_path):
     state = JobState(fakeredis.FakeRedis(decode_responses=True))
     storage = LocalStorage(tmp_path / "store")
-    settings = Settings(model="tiny", retry_budget_seconds=1800, retry_min_seconds=5, retry_max_seconds=300)
+    settings = Settings(
+        model="tiny", retry_budget_seconds=1800, retry_min_seconds=5, retry_max_seconds=300, local_source_roots="/in"
+    )
     clock = Clock()
     monkeypatch.setattr(tasks, "state", lambda: state)
     monkeypatch.setattr(tasks, "storage", lambda: storage)
@@ -51,8 +54,14 @@ def wired(monkeypatch, tmp_path):
     monkeypatch.setattr(tasks, "leases", lambda: leases)
     monkeypatch.setattr(tasks, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
     monkeypatch.setattr(state_module, "time", clock)
+    source = SourceRef("file:///in/a.mp4", "size=1", 1)
     spec = job.JobSpec(
-        "job-1", "media-1", "file:///in/a.mp4", "file:///in/a.mp4", "size=1", settings.effective_config()
+        job_id_for(source.media_id, settings.config_hash()),
+        source.media_id,
+        source.uri,
+        source.uri,
+        source.fingerprint,
+        settings.effective_config(),
     )
     state.create(spec.job_id, spec.source, spec.media_id, spec.to_dict())
     return types.SimpleNamespace(state=state, storage=storage, spec=spec, clock=clock, leases=leases)

@@ -6,16 +6,22 @@ Each test replays an input a review crafted against the real code and checks tha
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pipeline.config import Settings
+from pipeline.config import Settings, config_hash_of
 from pipeline.discover import Filters, discover
-from pipeline.errors import ConfigError, LimitExceeded, TransientError
-from pipeline.sources import fetch_source
-from pipeline.storage import s3_client, split_s3_uri
+from pipeline.errors import ConfigError, LimitExceeded, MalformedMessage, TransientError
+from pipeline.media.sample import make_sample
+from pipeline.sources import SourceRef, fetch_source, job_id_for
+from pipeline.spec import JobSpec, check_input, make_spec, settings_for, staged_input_key
+from pipeline.storage import LocalStorage, s3_client, split_s3_uri
 from tests.workers.test_triggers import FakeProducer, s3_event, settings
 from workers.events import KeyFilter, MalformedEvent, handle_messages, parse_message
+from workers.messages import check_message
+from workers.producer import enqueue
+from workers.state import JobState
 
 
 def event_in(bucket: str, key: str) -> dict:
@@ -174,3 +180,141 @@ def test_an_object_replaced_during_the_download_is_read_again(s3_server, s3_buck
         client.meta.events.unregister("after-call.s3.HeadObject", replace)
     newest = s3_server.client().get_object(Bucket=s3_bucket, Key="in/swap.mp4")["Body"].read()
     assert fetch_source(f"s3://{s3_bucket}/in/swap.mp4", tmp_path, settings).read_bytes() == newest
+
+
+# -- queue messages --------------------------------------------------------------------------------------
+
+
+def forged_spec(source: str, fingerprint: str = "size=1;mtime_ns=1", input_uri: str | None = None, **config) -> dict:
+    """A spec whose ids follow from its content, as anyone who reads the code can compute them."""
+    base = Settings(model="tiny").effective_config() | config
+    media_id = SourceRef(source, fingerprint, 0).media_id
+    return {
+        "job_id": job_id_for(media_id, config_hash_of(base)),
+        "media_id": media_id,
+        "source": source,
+        "input_uri": input_uri or source,
+        "fingerprint": fingerprint,
+        "config": base,
+        "tag": None,
+        "priority": 5,
+        "run_id": None,
+    }
+
+
+def test_a_spec_carries_only_output_shaping_settings():
+    for setting, value in [
+        ("s3_endpoint_url", "http://attacker.example"),
+        ("max_file_bytes", 10**15),
+        ("storage_url", "file:///"),
+        ("local_source_roots", "/"),
+    ]:
+        with pytest.raises(MalformedMessage, match=f"only output-shaping settings; not \\['{setting}'\\]"):
+            JobSpec.from_dict(forged_spec("s3://media-in/a.mp4", **{setting: value}))
+    spec = JobSpec.from_dict(forged_spec("s3://media-in/a.mp4"))
+    # a spec built by hand with more in its config still applies only the output-shaping settings
+    spec.config["s3_endpoint_url"] = "http://attacker.example"
+    worker = Settings(model="tiny", s3_endpoint_url="http://s3.internal:8333", max_file_bytes=1000)
+    applied = settings_for(spec, worker)
+    assert (applied.s3_endpoint_url, applied.max_file_bytes) == ("http://s3.internal:8333", 1000)
+
+
+def test_output_settings_from_a_message_are_validated_like_the_environment():
+    spec = JobSpec.from_dict(forged_spec("s3://media-in/a.mp4", fps=1000, frame_max_pixels=10**9))
+    with pytest.raises(MalformedMessage, match="fps.*less than or equal to 30.*frame_max_pixels"):
+        settings_for(spec, Settings(model="tiny"))
+    assert settings_for(JobSpec.from_dict(forged_spec("s3://m-in/a.mp4", fps=1.0)), Settings()).fps == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"media_id": "0" * 20}, "ids do not follow"),
+        ({"job_id": "0" * 20 + "-" + "0" * 10}, "ids do not follow"),
+        ({"fingerprint": "size=2"}, "ids do not follow"),  # the content named is not the one the ids name
+        ({"extra": 1}, "unknown \\['extra'\\]"),
+        ({"priority": 99}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"tag": "x" * 500}, "tag"),
+        ({"tag": "a\x1b[31mred"}, "tag"),
+        ({"run_id": "../x"}, "run_id"),
+        ({"source": 7}, "'source' must be"),
+    ],
+)
+def test_a_spec_whose_fields_or_ids_are_not_omniqs_is_malformed(change, reason):
+    with pytest.raises(MalformedMessage, match=reason):
+        JobSpec.from_dict(forged_spec("s3://media-in/a.mp4") | change)
+
+
+def test_messages_are_checked_before_anything_acts_on_them(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    worker = Settings(model="tiny")
+    good = forged_spec("s3://media-in/a.mp4")
+    common = {"job_id": good["job_id"], "source": good["source"]}
+    check_message("omniq.ingest", (), {**common, "spec": good}, worker, storage)  # passes
+    refused = [
+        ("omniq.ingest", {**common, "spec": good | {"input_uri": "file:///etc/passwd"}}, "neither its source"),
+        ("omniq.ingest", {**common, "spec": good, "extra": 1}, "keyword arguments"),
+        ("omniq.ingest", {**common, "spec": forged_spec("s3://media-in/b.mp4")}, "names another job"),
+        ("omniq.ingest", {**common, "spec": forged_spec("s3://media-in/a.mp4", fps=99.0)}, "names another job"),
+        ("omniq.infer", {"job_id": "../../x", "source": "s", "chunks": [0]}, "not an omniq job id"),
+        ("omniq.infer", {**common, "chunks": "0"}, "chunks"),
+        ("omniq.infer", {**common, "chunks": [0], "unit": "finalize"}, "not an infer unit"),
+        ("omniq.finalize", {**common, "model": "x"}, "keyword arguments"),
+    ]
+    for task, kwargs, reason in refused:
+        with pytest.raises(MalformedMessage, match=reason):
+            check_message(task, (), kwargs, worker, storage)
+
+
+def test_local_inputs_are_read_only_from_the_store_or_allowed_folders(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "talk.mp4").write_bytes(b"media")
+    (tmp_path / "secret.mp4").write_bytes(b"secret")
+    (library / "escape.mp4").symlink_to(tmp_path / "secret.mp4")
+    allowed = Settings(model="tiny", local_source_roots=str(library))
+    for name in ("talk.mp4",):
+        check_input(JobSpec.from_dict(forged_spec((library / name).as_uri())), allowed, storage)
+    for path in (Path("/etc/passwd"), tmp_path / "secret.mp4", library / "escape.mp4", library / ".." / "secret.mp4"):
+        with pytest.raises(ConfigError, match="OMNIQ_LOCAL_SOURCE_ROOTS"):
+            check_input(JobSpec.from_dict(forged_spec(f"file://{path}")), allowed, storage)
+    # the producer's copy in the store is always readable
+    spec = JobSpec.from_dict(forged_spec((tmp_path / "secret.mp4").as_uri()))
+    staged = JobSpec.from_dict(
+        forged_spec(spec.source, input_uri=storage.uri(staged_input_key(spec.job_id, "secret.mp4")))
+    )
+    check_input(staged, Settings(model="tiny"), storage)
+    # but not another job's, or anything else in the store
+    other = storage.uri(staged_input_key("0" * 20 + "-" + "1" * 10, "secret.mp4"))
+    for uri in (other, storage.uri("results/x/transcript.json")):
+        with pytest.raises(MalformedMessage, match="neither its source"):
+            check_input(JobSpec.from_dict(forged_spec(spec.source, input_uri=uri)), Settings(), storage)
+
+
+def test_the_producer_stages_local_sources_in_a_local_store(tmp_path, broker):
+    """Workers read local files only from their store: the producer links (or copies) the source there."""
+    url, client, state = broker
+    source = make_sample(tmp_path / "in" / "clip.mp4", 2.0, size="64x48")
+    storage = LocalStorage(tmp_path / "store")
+    settings = Settings(model="tiny", broker_url=url, storage_url=storage.url)
+    (outcome,) = enqueue([str(source)], settings, storage, state)
+    assert outcome.status == "enqueued"
+    spec = JobSpec.from_dict(json.loads(client.hget(JobState.key(outcome.job_id), "spec")))
+    staged = storage.path(staged_input_key(spec.job_id, "clip.mp4"))
+    assert spec.input_uri == staged.as_uri() and spec.source == source.resolve().as_uri()
+    assert staged.stat().st_ino == source.stat().st_ino  # a hard link: no copy on the same file system
+    check_input(spec, settings, storage)
+    # a source under OMNIQ_LOCAL_SOURCE_ROOTS is read in place
+    rooted = settings.model_copy(update={"local_source_roots": str(tmp_path / "in")})
+    other = make_sample(tmp_path / "in" / "other.mp4", 1.0, size="64x48")
+    (again,) = enqueue([str(other)], rooted, storage, state)
+    spec = JobSpec.from_dict(json.loads(client.hget(JobState.key(again.job_id), "spec")))
+    assert spec.input_uri == spec.source
+
+
+def test_tags_are_checked_where_they_are_given(tmp_path):
+    source = make_sample(tmp_path / "a.mp4", 1.0, size="64x48")
+    with pytest.raises(ConfigError, match="--tag"):
+        make_spec(str(source), Settings(), tag="t" * 300)
