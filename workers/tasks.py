@@ -308,6 +308,7 @@ def lease_on_receipt(task_id: str, task_name: str, kwargs: dict[str, Any]) -> No
     here, the lease expires with the worker and the watchdog sends the unit again. Never raises: the task
     takes its lease when it runs if this could not."""
     try:
+        check_message(task_name, (), kwargs, settings(), storage())  # a malformed message gets no lease
         job_id, unit = kwargs["job_id"], unit_of(task_name, kwargs)
         if state().is_unit_done(job_id, unit):
             return

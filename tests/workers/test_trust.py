@@ -318,3 +318,28 @@ def test_tags_are_checked_where_they_are_given(tmp_path):
     source = make_sample(tmp_path / "a.mp4", 1.0, size="64x48")
     with pytest.raises(ConfigError, match="--tag"):
         make_spec(str(source), Settings(), tag="t" * 300)
+
+
+def test_a_malformed_gpu_message_takes_no_lease_on_receipt(monkeypatch, tmp_path):
+    """A GPU worker takes a unit's lease when a message arrives; a forged one must not hold a real unit's."""
+    import fakeredis
+
+    from workers import tasks
+    from workers.leases import Leases, lease_key
+
+    state = JobState(fakeredis.FakeRedis(decode_responses=True))
+    leases = Leases(state, 45, 10)
+    monkeypatch.setattr(tasks, "state", lambda: state)
+    monkeypatch.setattr(tasks, "leases", lambda: leases)
+    monkeypatch.setattr(tasks, "settings", lambda: Settings(model="tiny"))
+    monkeypatch.setattr(tasks, "storage", lambda: LocalStorage(tmp_path))
+    spec = forged_spec("s3://media-in/a.mp4")
+    real = {"job_id": spec["job_id"], "source": spec["source"], "chunks": [0], "unit": "infer-0", "model": "tiny"}
+    try:
+        tasks.lease_on_receipt("forged", "omniq.infer", real | {"chunks": [0], "extra": "x"})
+        assert not state.redis.exists(lease_key(spec["job_id"], "infer-0"))
+        tasks.lease_on_receipt("real", "omniq.infer", real)
+        assert state.redis.exists(lease_key(spec["job_id"], "infer-0"))  # the check is what kept the other out
+    finally:
+        leases.release_all()
+        tasks._received.clear()
