@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
@@ -205,8 +203,8 @@ def check_input(spec: JobSpec, settings: Settings, storage: Storage) -> None:
 def check_input_location(spec: JobSpec, storage: Storage) -> bool:
     """True when the input is the source's copy staged in the store; False when it is the source itself.
     Raises :class:`MalformedMessage` for anything else."""
-    name = PurePosixPath(urlparse(spec.input_uri).path if "://" in spec.input_uri else spec.input_uri).name
-    if spec.input_uri == storage.uri(staged_input_key(spec.job_id, name or "media")):
+    source_path = local_path(spec.source)  # only local sources are staged, under their own name
+    if source_path is not None and spec.input_uri == storage.uri(staged_input_key(spec.job_id, source_path.name)):
         return True
     if spec.input_uri != spec.source:
         raise MalformedMessage(

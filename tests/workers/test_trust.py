@@ -296,13 +296,13 @@ def test_local_inputs_are_read_only_from_the_store_or_allowed_folders(tmp_path):
 def test_the_producer_stages_local_sources_in_a_local_store(tmp_path, broker):
     """Workers read local files only from their store: the producer links (or copies) the source there."""
     url, client, state = broker
-    source = make_sample(tmp_path / "in" / "clip.mp4", 2.0, size="64x48")
+    source = make_sample(tmp_path / "in" / "my clip #1%.mp4", 2.0, size="64x48")  # names URIs encode
     storage = LocalStorage(tmp_path / "store")
     settings = Settings(model="tiny", broker_url=url, storage_url=storage.url)
     (outcome,) = enqueue([str(source)], settings, storage, state)
     assert outcome.status == "enqueued"
     spec = JobSpec.from_dict(json.loads(client.hget(JobState.key(outcome.job_id), "spec")))
-    staged = storage.path(staged_input_key(spec.job_id, "clip.mp4"))
+    staged = storage.path(staged_input_key(spec.job_id, "my clip #1%.mp4"))
     assert spec.input_uri == staged.as_uri() and spec.source == source.resolve().as_uri()
     assert staged.stat().st_ino == source.stat().st_ino  # a hard link: no copy on the same file system
     check_input(spec, settings, storage)
