@@ -287,19 +287,6 @@ class S3Storage:
     def put_file(self, key: str, path: Path) -> None:
         self.put_bytes(key, path.read_bytes())
 
-    def link_file(self, key: str, path: Path) -> None:
-        """Make ``path``'s bytes readable at ``key``: a hard link where the file system allows (no copy, and the
-        bytes stay those enqueued when the file is replaced), else a streamed copy."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:  # another file system, or a file this user may not link (fs.protected_hardlinks)
-            temp = target.with_name(f".{target.name}.part")
-            shutil.copyfile(path, temp)
-            os.replace(temp, target)
-
     def get_file(self, key: str, path: Path) -> None:
         path.write_bytes(self.get_bytes(key))
 
