@@ -33,6 +33,12 @@ class SourceRef:
         return asdict(self)
 
 
+def display_source(uri: str) -> str:
+    """A source as people write it: a local file as its path (no percent-encoding), S3 URIs as they are."""
+    path = local_path(uri) if uri.startswith("file:") else None
+    return str(path) if path is not None else uri
+
+
 def job_id_for(media_id: str, config_hash: str) -> str:
     """The job id: the media id plus the hash of the settings that change outputs."""
     return f"{media_id}-{config_hash[:10]}"

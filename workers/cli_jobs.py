@@ -35,6 +35,19 @@ def add_commands(commands: Any) -> None:
     )
     recover.set_defaults(func=cmd_recover)
 
+    events = commands.add_parser(
+        "events",
+        help="print job events (queued, progress, done, failed, ...) from the Redis stream omniq:events",
+        description="Reads OMNIQ_BROKER_URL. Prints the newest events, then with --follow every new one as it "
+        "comes (Ctrl-C stops). Systems downstream read the same stream with their own consumer group.",
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events as they come")
+    events.add_argument("--json", action="store_true", help="one JSON object per line (id, event, job_id, ...)")
+    events.add_argument("--limit", type=int, default=50, help="how many of the newest events first (default 50)")
+    events.add_argument("--since", metavar="ID", help="every event after this stream id instead (0: all kept)")
+    events.add_argument("--job", metavar="JOB_ID", help="only this job's events")
+    events.set_defaults(func=cmd_events)
+
 
 def _state(settings: Settings):  # type: ignore[no-untyped-def]
     from workers.state import JobState
@@ -205,3 +218,48 @@ def cmd_recover(args: argparse.Namespace) -> int:
     print("from the store: " + (", ".join(f"{k} {v}" for k, v in sorted(restored.items())) or "nothing to restore"))
     print("stalled work sent again: " + str((sweep or {}).get("resent", 0)))
     return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from workers.job_events import follow, last_events, read_events
+
+    settings = Settings()
+    client = _state(settings).redis
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: give a positive number of events")
+    shown = read_events(client, args.since, count=100_000) if args.since else last_events(client, args.limit)
+    after = shown[-1].id if shown else (args.since or _last_id(client))
+    try:
+        for event in shown:
+            _print_event(event, args)
+        if args.follow:
+            for event in follow(client, after):
+                _print_event(event, args)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _last_id(client: Any) -> str:
+    from workers.state import EVENTS
+
+    newest = client.xrevrange(EVENTS, count=1)
+    return newest[0][0] if newest else "0-0"
+
+
+def _print_event(event: Any, args: argparse.Namespace) -> None:
+    from pipeline.sources import display_source
+
+    if args.job and event.job_id != args.job:
+        return
+    if args.json:
+        print(json.dumps(event.to_dict()), flush=True)
+        return
+    when = datetime.fromtimestamp(event.at).strftime("%Y-%m-%d %H:%M:%S")
+    detail = ""
+    if event.event == "progress":
+        detail = f"  chunks {event.chunks_done}/{event.chunks_total}"
+    elif event.error:
+        detail = f"  {event.error}"
+    tag = f"  [{event.tag}]" if event.tag else ""
+    print(f"{when}  {event.event:<11} {event.job_id}  {display_source(event.source)}{tag}{detail}", flush=True)

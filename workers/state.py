@@ -25,22 +25,32 @@ PREFIX = "omniq"
 JOBS_INDEX = f"{PREFIX}:jobs"  # every job, scored by creation time (for `omniq status`)
 ACTIVE_SET = f"{PREFIX}:active"  # what the watchdog looks at: jobs at work, and queued jobs not yet sent
 PENDING_FAILURES = f"{PREFIX}:pending-failures"  # failed jobs whose manifest could not be written yet
+EVENTS = f"{PREFIX}:events"  # a Redis stream of job events (README "Job events"), appended by the scripts below
+EVENTS_MAX_LENGTH = 100_000  # the stream is capped near this many entries (XADD MAXLEN ~)
 ACTIVE = ("queued", "ingesting", "running", "summarizing", "finalizing")
 FINISHED = ("done", "failed", "cancelled")
 
 T = TypeVar("T")
 
-# KEYS: done-set, trigger; ARGV: total, claimant, indices...
+# KEYS: done-set, trigger, job hash, events; ARGV: total, claimant, events cap, now, job_id, indices...
+# A call that adds chunks appends one "progress" event; a redelivered batch adds nothing and says nothing.
 _COMPLETE = """
-for i = 3, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+local added = 0
+for i = 6, #ARGV do added = added + redis.call('SADD', KEYS[1], ARGV[i]) end
 local n = redis.call('SCARD', KEYS[1])
+if added > 0 then
+  local job = redis.call('HMGET', KEYS[3], 'media_id', 'source', 'tag', 'status')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'event', 'progress', 'job_id', ARGV[5],
+             'media_id', job[1] or '', 'source', job[2] or '', 'tag', job[3] or '', 'status', job[4] or '',
+             'error', '', 'chunks_done', n, 'chunks_total', ARGV[1], 'at', ARGV[4])
+end
 if n >= tonumber(ARGV[1]) then
   if redis.call('SET', KEYS[2], ARGV[2], 'NX') then return {n, 1} end
 end
 return {n, 0}
 """
-# KEYS: job hash, chunks set, trigger, units, jobs index, active set;
-# ARGV: job_id, source, media_id, spec, now, tag, force, lease key prefix
+# KEYS: job hash, chunks set, trigger, units, jobs index, active set, events;
+# ARGV: job_id, source, media_id, spec, now, tag, force, lease key prefix, events cap
 # (Re)creates a job unless it is queued or running (or ``force``, which the caller gives only for a job whose
 # leases are all stale): two producers racing on one file enqueue it once.
 _CREATE = """
@@ -59,21 +69,32 @@ redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'source', ARGV[2], 'media_id', AR
            'tag', ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 redis.call('SADD', KEYS[6], ARGV[1])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], '*', 'event', 'queued', 'job_id', ARGV[1], 'media_id', ARGV[3],
+           'source', ARGV[2], 'tag', ARGV[6], 'status', 'queued', 'error', '', 'chunks_done', 0, 'chunks_total', 0,
+           'at', ARGV[5])
 return 'created'
 """
-# KEYS: job hash, active set; ARGV: job_id, new status, now, allowed statuses (space separated), fields...
-# Changes the status only from one of the allowed ones: a late step cannot revive a finished job.
+# KEYS: job hash, active set, chunks set, events; ARGV: job_id, new status, now, allowed statuses (space
+# separated), events cap, fields... Changes the status only from one of the allowed ones: a late step cannot
+# revive a finished job. A change of status appends one event named after the new status.
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if not string.find(' ' .. ARGV[4] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'done' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[1], 'retry_at', 'retry_reason')
 elseif ARGV[2] ~= 'queued' then
   redis.call('SADD', KEYS[2], ARGV[1])
+end
+if ARGV[2] ~= status then
+  local job = redis.call('HMGET', KEYS[1], 'media_id', 'source', 'tag', 'error', 'chunks_total')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'job_id', ARGV[1],
+             'media_id', job[1] or '', 'source', job[2] or '', 'tag', job[3] or '', 'status', ARGV[2],
+             'error', job[4] or '', 'chunks_done', redis.call('SCARD', KEYS[3]), 'chunks_total', job[5] or 0,
+             'at', ARGV[3])
 end
 return 'ok'
 """
@@ -187,10 +208,11 @@ class JobState:
                     self.key(job_id, "units"),
                     JOBS_INDEX,
                     ACTIVE_SET,
+                    EVENTS,
                 ]
                 force = "1" if job_id in forced else "0"
                 args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), now, spec.get("tag") or "", force]
-                args.append(f"{PREFIX}:lease:{job_id}:")  # workers.leases.lease_key
+                args += [f"{PREFIX}:lease:{job_id}:", EVENTS_MAX_LENGTH]  # workers.leases.lease_key
                 self._create(keys=keys, args=args, client=pipe)
             return [str(result) for result in pipe.execute()]
 
@@ -222,8 +244,9 @@ class JobState:
         flat: list[Any] = []
         for name, value in fields.items():
             flat += [name, _text(value)]
-        keys = [self.key(job_id), ACTIVE_SET]
-        return self._transition(keys=keys, args=[job_id, status, time.time(), " ".join(allowed), *flat])
+        keys = [self.key(job_id), ACTIVE_SET, self.key(job_id, "chunks"), EVENTS]
+        args = [job_id, status, time.time(), " ".join(allowed), EVENTS_MAX_LENGTH, *flat]
+        return self._transition(keys=keys, args=args)
 
     def touch(self, job_id: str, **fields: Any) -> None:
         """Record progress (``updated_at``) and optional fields without changing the status."""
@@ -250,7 +273,8 @@ class JobState:
         """Mark chunks done; return (chunks done, whether this call is the one that completed the job)."""
         token = uuid.uuid4().hex
         done, fired = self._complete(
-            keys=[self.key(job_id, "chunks"), self.key(job_id, "trigger")], args=[total, token, *indices]
+            keys=[self.key(job_id, "chunks"), self.key(job_id, "trigger"), self.key(job_id), EVENTS],
+            args=[total, token, EVENTS_MAX_LENGTH, time.time(), job_id, *indices],
         )
         self.redis.hset(self.key(job_id), "updated_at", time.time())
         return int(done), bool(fired)

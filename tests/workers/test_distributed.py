@@ -264,6 +264,20 @@ def test_duplicate_chunk_delivery_finalizes_once(cluster, tmp_path):
     assert storage.get_bytes(f"results/{spec.media_id}/manifest.json") == before
     assert state.get(spec.job_id)["status"] == "done"
     assert state.redis.hget(JobState.key(spec.job_id), "summarize_runs") == "1"
+    # the job's events: one per change, the doubled and late deliveries added none
+    from workers.job_events import read_events
+
+    events = [e for e in read_events(state.redis, count=100_000) if e.job_id == spec.job_id]
+    assert [e.event for e in events] == [
+        "queued",
+        "running",
+        "progress",
+        "progress",
+        "summarizing",
+        "finalizing",
+        "done",
+    ]
+    assert [e.chunks_done for e in events if e.event == "progress"] in ([2, 3], [1, 3])
 
 
 def test_flower_lists_omniq_tasks(cluster, tmp_path):
