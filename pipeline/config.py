@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     sqs_endpoint_url: str | None = None
     webhook_token: SecretStr | None = None
 
+    # Notifications (README "Job events"): ended jobs POSTed here, signed with the secret
+    notify_url: str | None = None
+    notify_secret: SecretStr | None = None
+    notify_retry_seconds: float = Field(default=3600.0, ge=0)  # how long a delivery is retried before it is given up
+
     # Workers and recovery (README "Reliability"): leases, the watchdog, retry budgets
     lease_seconds: float = Field(default=45.0, ge=3)  # a running step's lease expires this long after its last renewal
     lease_renew_seconds: float = Field(default=10.0, gt=0)  # how often a worker renews the leases it holds

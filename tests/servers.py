@@ -484,3 +484,58 @@ class S3Server(_ServerProcess):
             self._not_ready_reason = f"signed list_buckets on {self.endpoint_url} failed: {error}"
             return False
         return True
+
+
+class NotificationReceiver:
+    """A real HTTP server on 127.0.0.1 that records omniq's notifications and checks their signatures.
+
+    ``fail_first`` answers 500 to the first N deliveries of each event id, then 200; every request is kept
+    with the status it got, so a test can count deliveries per event."""
+
+    def __init__(self, secret: str, fail_first: int = 0) -> None:
+        import hashlib
+        import hmac
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.secret, self.fail_first = secret.encode(), fail_first
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                expected = "sha256=" + hmac.new(receiver.secret, body, hashlib.sha256).hexdigest()
+                given = self.headers.get("X-Omniq-Signature", "")
+                event_id = self.headers.get("X-Omniq-Event-Id", "")
+                with receiver.lock:
+                    earlier = sum(1 for r in receiver.requests if r["event_id"] == event_id)
+                    status = 500 if earlier < receiver.fail_first else 200
+                    receiver.requests.append(
+                        {
+                            "event_id": event_id,
+                            "status": status,
+                            "signed": hmac.compare_digest(expected, given),
+                            "headers": dict(self.headers),
+                            "body": json.loads(body),
+                        }
+                    )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/omniq"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def acknowledged(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["status"] == 200]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -109,8 +109,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         directory = tempfile.mkdtemp(prefix="omniq-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from workers.app import GPU_QUEUE, app, gpu_queue_for
+    from workers.notify import check_target
 
     settings = Settings()
+    check_target(settings)  # a half-set notification target stops the worker here, not silently later
     if args.metrics_port is not None:
         from workers.metrics import merged_registry, serve_metrics
 

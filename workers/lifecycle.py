@@ -1,4 +1,5 @@
-"""Worker lifecycle hooks: start the watchdog when a worker is ready, hand work back when it stops."""
+"""Worker lifecycle hooks: start the watchdog (and the notifier) when a worker is ready, hand work back when it
+stops."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from celery import signals
 
-from workers import tasks, watchdog
+from workers import notify, tasks, watchdog
 from workers.app import GPU_TASKS
 
 
@@ -18,6 +19,7 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     watchdog.start(name, queues, tasks.settings())
+    notify.start(name, tasks.settings())  # when OMNIQ_NOTIFY_URL is set (checked when the worker started)
 
 
 @signals.task_received.connect

@@ -50,6 +50,9 @@ RETRIES = Counter("omniq_task_retries", "Task retries after transient errors", (
 RECOVERED = Counter(
     "omniq_recovered_units", "Units of work the watchdog sent again, by why", ("queue", "model", "reason")
 )
+NOTIFICATIONS = Counter(
+    "omniq_notifications", "Job notifications to OMNIQ_NOTIFY_URL by outcome", ("event", "outcome")
+)  # outcome: delivered | failed_attempt | gave_up
 MALFORMED_MESSAGES = Counter(
     "omniq_malformed_messages", "Queue messages refused as not written by omniq (README Security)", ("queue", "task")
 )

@@ -20,12 +20,13 @@ from pipeline.media.sample import make_sample
 from pipeline.storage import S3Storage
 from tests.browser import chromium_page
 from tests.conftest import use_broker
-from tests.servers import find_free_port
+from tests.servers import NotificationReceiver, find_free_port
 from workers.producer import enqueue
 from workers.state import JobState
 
 pytestmark = pytest.mark.slow
 
+NOTIFY_SECRET = "notify-secret-for-the-cluster"
 WORKER_ENV = {
     "OMNIQ_MODEL": "tiny",
     "OMNIQ_CHUNK_SECONDS": "10",
@@ -58,6 +59,8 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
         "AWS_DEFAULT_REGION": s3_server.region,
     }
+    receiver = NotificationReceiver(NOTIFY_SECRET)  # the workers notify it of every ended job
+    env |= {"OMNIQ_NOTIFY_URL": receiver.url, "OMNIQ_NOTIFY_SECRET": NOTIFY_SECRET}
     workers = []
     metrics_ports = {"media": find_free_port(), "gpu": find_free_port()}
     for queue in ("media", "gpu"):
@@ -80,8 +83,10 @@ def cluster(redis_url, s3_server, tiny_cache_dir, tmp_path_factory):
             "s3": s3_server,
             "bucket": bucket,
             "metrics_ports": metrics_ports,
+            "receiver": receiver,
         }
     finally:
+        receiver.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -416,12 +421,12 @@ def test_crafted_messages_change_no_worker_setting_and_read_no_local_file(cluste
         logs = {name: (cluster["logs"] / f"{name}.log").read_text() for name in ("media", "gpu")}
         assert "Refusing to deserialize untrusted content of type pickle" in logs["media"]
         # and no secret in logs, manifests or status output
-        secret = cluster["env"]["AWS_SECRET_ACCESS_KEY"]
+        secrets = (cluster["env"]["AWS_SECRET_ACCESS_KEY"], NOTIFY_SECRET)
         manifest = storage.get_bytes(f"results/{final['media_id']}/manifest.json").decode()
         status = _cli(cluster, "status", "--json")
         assert status.returncode == 0
         for text in (*logs.values(), manifest, status.stdout, status.stderr):
-            assert secret not in text
+            assert not any(secret in text for secret in secrets)
     finally:
         stop.set()
         listener.close()
@@ -435,3 +440,25 @@ class _Touch:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
+
+
+def test_ended_jobs_are_notified_once_signed(cluster, tmp_path):
+    """Both workers run a notifier in one consumer group: each ended job is POSTed once, signed."""
+    settings, storage, state = cluster["settings"], cluster["storage"], cluster["state"]
+    clip = make_sample(tmp_path / "notified.mp3", 4.0, video=False)
+    (outcome,) = enqueue([str(clip)], settings, storage, state)
+    final = _wait(cluster, [outcome.job_id])[outcome.job_id]
+    assert final["status"] == "done"
+    receiver = cluster["receiver"]
+    mine = lambda: [r for r in receiver.requests if r["body"]["job_id"] == outcome.job_id]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while not mine():
+        assert time.monotonic() < deadline, "no notification for the job"
+        time.sleep(0.2)
+    time.sleep(2)  # a second delivery would come now
+    (delivery,) = mine()
+    assert delivery["signed"] and delivery["status"] == 200
+    body = delivery["body"]
+    assert (body["event"], body["status"], body["media_id"]) == ("done", "done", final["media_id"])
+    assert body["result_uri"] == storage.uri(f"results/{final['media_id']}/manifest.json")
+    assert body["manifest"]["status"] == "done" and body["manifest"]["duration_s"] > 3
