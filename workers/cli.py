@@ -288,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)
 
+    from workers.cli_delete import add_commands as add_delete_commands
     from workers.cli_jobs import add_commands as add_job_commands
 
     add_job_commands(commands)
+    add_delete_commands(commands)
 
     from workers.cli_search import add_commands as add_search_commands
     from workers.cli_triggers import add_commands as add_trigger_commands

@@ -355,6 +355,24 @@ class JobState:
         jobs = [self.get(job_id) for job_id in job_ids]
         return [job for job in jobs if job is not None]
 
+    def jobs_of_media(self, media_id: str) -> dict[str, str]:
+        """The jobs Redis knows for a media (job ids start with the media id) and their statuses."""
+        job_ids = [job_id for job_id, _ in self.redis.zscan_iter(JOBS_INDEX, match=f"{media_id}-*", count=1000)]
+        return {job_id: status or "unknown" for job_id, status in zip(job_ids, self.statuses(job_ids), strict=True)}
+
+    def forget(self, job_ids: list[str], media_id: str, source: str) -> None:
+        """Remove ended jobs' records (``omniq delete``) and append a ``deleted`` event for their media."""
+        now = time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
+            for job_id in job_ids:
+                pipe.delete(*(self.key(job_id, part) for part in ("", "chunks", "trigger", "units")))
+                pipe.zrem(JOBS_INDEX, job_id)
+                pipe.srem(ACTIVE_SET, job_id)
+            fields = {"event": "deleted", "job_id": job_ids[-1] if job_ids else "", "media_id": media_id}
+            fields |= {"source": source, "tag": "", "status": "deleted", "error": "", "chunks_done": 0}
+            pipe.xadd(EVENTS, fields | {"chunks_total": 0, "at": now}, maxlen=EVENTS_MAX_LENGTH, approximate=True)
+            pipe.execute()
+
     def active_ids(self) -> Iterator[str]:
         yield from self.redis.sscan_iter(ACTIVE_SET, count=500)
 
