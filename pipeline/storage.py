@@ -49,6 +49,16 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _process_umask() -> int:
+    """This process's umask (read once at import: setting it to read it is not thread-safe later)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 class LocalStorage:
     """A directory on a local or shared file system."""
 
@@ -71,6 +81,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                os.fchmod(handle.fileno(), 0o666 & ~_UMASK)  # as open() would make it, not mkstemp's 0600
             os.replace(temp, target)
         except BaseException:
             Path(temp).unlink(missing_ok=True)

@@ -101,6 +101,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = ("media", "gpu")
     if args.queue not in queues:
         raise ConfigError(f"--queue {args.queue!r}: use 'media' (ffmpeg, CPU) or 'gpu' (the model)")
+    if args.model:  # the worker's processes and threads read their settings from the environment
+        os.environ["OMNIQ_MODEL"] = args.model
     # SIGTERM (docker stop, a deploy) runs Celery's cold shutdown, which waits OMNIQ_SOFT_SHUTDOWN_SECONDS for
     # running tasks and then hands their messages back at once; billiard reads this when celery is imported
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
@@ -128,7 +130,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # One model per process, run in a thread of the pool: the main thread keeps sending heartbeats and
         # answering 'celery inspect' during a long batch (Flower shows the worker online), and nothing forks
         # after CUDA is initialised.
-        app.conf.worker_pool = "workers.pool:HandBackThreadPool"  # Celery's CLI takes only its own pool names
+        app.conf.worker_pool = "workers.threads:HandBackThreadPool"  # the banner names the module: "(threads)"
         # several messages at once, each in its own thread: their rows share batches (the model itself runs in
         # one thread of the pipelined engine); each message is acknowledged after its results are stored
         from workers.tasks import gpu_slots
@@ -252,19 +254,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omniq", description="Video and audio understanding with Qwen3-Omni.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    from pipeline import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="omniq",
+        description="Video and audio understanding with Qwen3-Omni. Settings come from OMNIQ_* variables "
+        "(pipeline/config.py); the commands that use the queue read OMNIQ_BROKER_URL and OMNIQ_STORAGE_URL.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (also after the command)")
+    parser.add_argument("--version", action="version", version=f"omniq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process files in this process (no Redis needed)")
     run.add_argument("sources", nargs="+", metavar="FILE_OR_URI")
-    run.add_argument("--out", default="./omniq-data", help="results directory or s3://bucket/prefix")
+    run.add_argument(
+        "--out", default="./omniq-data", help="results directory or s3://bucket/prefix (default ./omniq-data)"
+    )
     _model_options(run)
     run.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
     run.set_defaults(func=cmd_run)
 
-    worker = commands.add_parser("worker", help="start a Celery worker for one queue")
+    worker = commands.add_parser(
+        "worker",
+        help="start a Celery worker for one queue",
+        description="Reads OMNIQ_BROKER_URL (Redis), OMNIQ_STORAGE_URL (and OMNIQ_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY for S3) and OMNIQ_MODEL; every other OMNIQ_* setting is in pipeline/config.py.",
+    )
     worker.add_argument("--queue", required=True, help="media (ffmpeg, CPU) or gpu (the model)")
+    worker.add_argument("--model", help="hub id, local checkpoint path, or 'tiny' (default: OMNIQ_MODEL)")
     worker.add_argument("--concurrency", type=int, help="processes for the media queue (default: CPU count)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
     worker.add_argument("--metrics-host", default="127.0.0.1", help="address for metrics (default 127.0.0.1)")
@@ -272,11 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     flower = commands.add_parser("flower", help="start Flower for omniq's Celery app")
     flower.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--port", type=int, default=5555, help="port (default 5555)")
     flower.add_argument("--url-prefix", dest="url_prefix", help="when served behind a reverse proxy path")
     flower.set_defaults(func=cmd_flower)
 
-    enqueue = commands.add_parser("enqueue", help="enqueue files, directories or S3 prefixes; prints job ids")
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="enqueue files, directories or S3 prefixes; prints job ids",
+        description="Reads OMNIQ_BROKER_URL (Redis) and OMNIQ_STORAGE_URL (and OMNIQ_S3_ENDPOINT_URL, AWS_* for "
+        "S3); the workers must use the same. Files already done with the same content and settings are skipped.",
+    )
     enqueue.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI")
     enqueue.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
     enqueue.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
@@ -284,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--force", action="store_true", help="run again even if already done with this config")
     enqueue.add_argument("--tag", help="a label for this run, kept in manifests and the search index")
     enqueue.add_argument("--priority", type=int, default=5, choices=range(10), metavar="0-9", help="9 = most urgent")
-    enqueue.add_argument("--json", action="store_true")
+    enqueue.add_argument("--json", action="store_true", help="print a JSON list of {source, job_id, status, reason}")
     _model_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)
 
@@ -315,14 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     only.add_argument("--audio-only", action="store_true")
     only.add_argument("--video-only", action="store_true")
     sample.set_defaults(func=cmd_sample)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` also after the command (``omniq run x.mp4 -v``), for every command and action."""
+    for action in parser._actions:  # argparse keeps subcommands in a private action type
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more")
+                _verbose_everywhere(command)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, local checkpoint path, or 'tiny' (random test model)")
-    parser.add_argument("--chunk-seconds", type=float, dest="chunk_seconds", help="chunk length (default 30)")
-    parser.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
-    parser.add_argument("--batch-size", type=int, dest="batch_size", help="chunks per generate call")
+    parser.add_argument(
+        "--chunk-seconds", type=float, dest="chunk_seconds", help="chunk length (default 30, OMNIQ_CHUNK_SECONDS)"
+    )
+    parser.add_argument("--fps", type=float, help="frames sampled per second (default 2, OMNIQ_FPS)")
+    parser.add_argument(
+        "--batch-size", type=int, dest="batch_size", help="rows per generate call (default 4, OMNIQ_BATCH_SIZE)"
+    )
     parser.add_argument(
         "--language", help="spoken language: ISO 639-1 code or English name, e.g. en, English (default: detect)"
     )

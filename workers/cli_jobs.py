@@ -14,10 +14,14 @@ from pipeline.errors import ConfigError
 
 
 def add_commands(commands: Any) -> None:
-    status = commands.add_parser("status", help="show jobs: state, chunk progress, age, leases, retries")
-    status.add_argument("job_id", nargs="?")
-    status.add_argument("--limit", type=int, default=50)
-    status.add_argument("--json", action="store_true")
+    status = commands.add_parser(
+        "status",
+        help="show jobs: state, chunk progress, age, leases, retries",
+        description="Reads OMNIQ_BROKER_URL (the Redis the workers use).",
+    )
+    status.add_argument("job_id", nargs="?", help="one job in detail (default: the newest jobs)")
+    status.add_argument("--limit", type=int, default=50, help="how many of the newest jobs (default 50)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_status)
 
     cancel = commands.add_parser("cancel", help="cancel queued or running jobs and remove their work files")

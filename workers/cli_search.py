@@ -38,7 +38,7 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     actions = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     rebuild = actions.add_parser(
         "rebuild",
-        help="index every done job in OMNIQ_STORAGE_URL and drop media that are no longer there",
+        help="index every done job in the store (--out, default OMNIQ_STORAGE_URL) and drop media no longer there",
         description="The store is the source of truth: this makes the index match it; it is safe to run any time.",
     )
     _index_option(rebuild)
@@ -51,6 +51,18 @@ def _index_option(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="sqlite:///path/index.sqlite (default: OMNIQ_INDEX_URL, else index.sqlite beside local results)",
     )
+    parser.add_argument(
+        "--out",
+        metavar="DIR|s3://...",
+        help="the store whose results (and default index) to use, as given to run --out (default: OMNIQ_STORAGE_URL)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if args.out:
+        settings = settings.model_copy(update={"storage_url": args.out})
+    return settings
 
 
 def _positive_int(text: str) -> int:
@@ -64,7 +76,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Print the best hits for the query: one line each, or a JSON list with ``--json``."""
     from pipeline.search import open_index
 
-    settings = Settings()
+    settings = _settings(args)
     query = " ".join(args.query)
     index = open_index(args.index, settings, create=False)
     try:
@@ -90,7 +102,7 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     from pipeline.search import open_index, rebuild_index
     from pipeline.storage import open_storage
 
-    settings = Settings()
+    settings = _settings(args)
     storage = open_storage(settings.storage_url, settings)
     failures: list[str] = []
 

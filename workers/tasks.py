@@ -32,9 +32,9 @@ from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for
 from workers.leases import Acquired, Leases, holder_name
 from workers.messages import JOB_ID, check_message
-from workers.pool import SoloGate
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE, describe
 from workers.state import FINISHED, PENDING_FAILURES, JobState
+from workers.threads import SoloGate
 
 
 def task_repr(job_id: str, source: str, **extra: object) -> str:

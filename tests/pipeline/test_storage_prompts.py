@@ -25,6 +25,22 @@ def test_local_storage_atomic_idempotent_and_scoped(tmp_path):
             storage.put_bytes(bad, b"x")
 
 
+def test_result_files_are_as_readable_as_the_umask_says(tmp_path):
+    """Not mkstemp's 0600: a shared results folder or a web server must read them (umask 022 here)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys; os.umask(0o022); from pathlib import Path; from pipeline.storage import LocalStorage; "
+        "LocalStorage(Path(sys.argv[1])).put_bytes('results/m/transcript.json', b'{}')"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60, cwd=os.getcwd())
+    assert stat.S_IMODE((tmp_path / "results" / "m" / "transcript.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "results" / "m").stat().st_mode) == 0o755
+
+
 def test_open_storage_urls(tmp_path):
     settings = Settings()
     assert open_storage(f"file://{tmp_path}", settings).root == tmp_path

@@ -59,3 +59,28 @@ def test_unreachable_storage_is_one_line_with_exit_status_4(redis_url, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("omniq: cannot reach storage: s3://bucket/prefix/")
     assert "Traceback" not in result.stderr
+
+
+def test_the_command_line_says_what_it_needs():
+    """-v after the command, --version, defaults and the OMNIQ_* variables in the help texts."""
+    from pipeline import __version__
+    from workers.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "x.mp4", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "run", "x.mp4"]).verbose is True
+    assert parser.parse_args(["run", "x.mp4"]).verbose is False
+    assert parser.parse_args(["index", "rebuild", "-v"]).verbose is True
+    assert parser.parse_args(["worker", "--queue", "gpu", "--model", "tiny"]).model == "tiny"
+    assert _omniq("--version").stdout.strip() == f"omniq {__version__}"
+    names = ("run", "enqueue", "worker", "status", "flower")
+    helps = {name: " ".join(_omniq(*name.split(), "--help").stdout.split()) for name in names}  # unwrapped
+    assert "default ./omniq-data" in helps["run"] and "default 4, OMNIQ_BATCH_SIZE" in helps["run"]
+    assert "OMNIQ_BROKER_URL" in helps["enqueue"] and "OMNIQ_STORAGE_URL" in helps["worker"]
+    assert "OMNIQ_BROKER_URL" in helps["status"] and "how many of the newest jobs" in helps["status"]
+    assert "default 5555" in helps["flower"] and "print a JSON list" in helps["enqueue"]
+    assert "--model" in helps["worker"]
+    from workers.threads import HandBackThreadPool
+
+    # Celery's banner names the pool by its module: "concurrency: 16 (threads)", not "(pool)" or "(solo)"
+    assert HandBackThreadPool.__module__.rsplit(".", 1)[-1] == "threads"

@@ -177,3 +177,14 @@ def test_stored_text_cannot_send_terminal_escapes():
     hit = SearchHit("m", "src\x1b[2J", "transcript", "evil \x1b[2J text", 0.0, 1.0, 1.0, "", spans=((0, 4),))
     line = hit_line(hit, bold=True)
     assert "\x1b[2J" not in line and "\x1b[1m" not in line
+
+
+def test_out_names_the_store_whose_index_to_use(store, tmp_path, capsys, monkeypatch):
+    """After `omniq run --out X`, search and rebuild find X's index with --out X (no hand-written --index)."""
+    monkeypatch.setenv("OMNIQ_STORAGE_URL", f"file://{tmp_path / 'elsewhere'}")
+    capsys.readouterr()
+    assert omniq("index", "rebuild", "--out", str(tmp_path / "data")) == 0
+    assert f"{tmp_path}/data/index.sqlite" in capsys.readouterr().out
+    assert omniq("search", "rocket", "--json", "--out", str(tmp_path / "data")) == 0
+    assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"talk"}
+    assert not (tmp_path / "elsewhere").exists()

@@ -169,7 +169,7 @@ def test_a_death_beside_other_units_is_counted_apart_and_the_unit_then_runs_alon
 
 
 def test_a_suspect_unit_runs_alone_after_the_running_ones_and_before_new_ones():
-    from workers.pool import SoloGate
+    from workers.threads import SoloGate
 
     gate, events, lock = SoloGate(), [], threading.Lock()
 
