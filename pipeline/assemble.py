@@ -78,9 +78,11 @@ def to_srt(cues: list[Cue]) -> str:
     return "\n".join(blocks)
 
 
-def to_vtt(cues: list[Cue]) -> str:
+def to_vtt(cues: list[Cue], note: str | None = None) -> str:
+    """WebVTT; ``note`` goes in a NOTE block, which players do not show (e.g. that the text is random)."""
     blocks = [f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{_cue_text(c)}\n" for c in cues]
-    return "WEBVTT\n\n" + "\n".join(blocks)
+    head = f"NOTE {' '.join(note.replace('-->', '->').split())}\n\n" if note else ""
+    return "WEBVTT\n\n" + head + "\n".join(blocks)
 
 
 def to_txt(cues: list[Cue]) -> str:

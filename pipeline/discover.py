@@ -37,17 +37,21 @@ class Filters:
     exclude: tuple[str, ...] = ()
 
     def wants(self, relative: str) -> bool:
+        return self.left_out(relative) is None
+
+    def left_out(self, relative: str) -> str | None:
+        """Why a file is not taken (``hidden``, ``excluded``, ``not included``, ``not media``), or None."""
         name = PurePosixPath(relative).name
         if name.startswith(".") or relative.endswith("/"):
-            return False
+            return "hidden"
         matches = lambda patterns: any(  # noqa: E731
             fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns
         )
         if self.exclude and matches(self.exclude):
-            return False
+            return "excluded"
         if self.include:
-            return matches(self.include)
-        return PurePosixPath(name).suffix.lower() in self.extensions
+            return None if matches(self.include) else "not included"
+        return None if PurePosixPath(name).suffix.lower() in self.extensions else "not media"
 
 
 def read_list_file(path: Path) -> Iterator[str]:
@@ -72,13 +76,16 @@ def read_list_file(path: Path) -> Iterator[str]:
             yield line
 
 
-def _walk_directory(root: Path, filters: Filters, settings: Settings) -> Iterator[Discovered]:
+def _walk_directory(root: Path, filters: Filters, settings: Settings, ignored: list[str]) -> Iterator[Discovered]:
     for directory, subdirectories, files in os.walk(root):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
         for name in sorted(files):
             path = Path(directory) / name
-            if filters.wants(path.relative_to(root).as_posix()):
+            reason = filters.left_out(path.relative_to(root).as_posix())
+            if reason is None:
                 yield _local(str(path), settings)
+            elif reason == "not media":  # what the user did not choose to leave out
+                ignored.append(str(path))
 
 
 def _local(uri: str, settings: Settings) -> Discovered:
@@ -93,8 +100,11 @@ def _is_s3_prefix(uri: str, filters: Filters) -> bool:
     return not key or key.endswith("/") or PurePosixPath(key).suffix.lower() not in filters.extensions
 
 
-def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[Discovered]:
-    """Every object under ``s3://bucket/prefix`` that the filters want, fingerprinted from the listing."""
+def list_s3_prefix(
+    uri: str, settings: Settings, filters: Filters, ignored: list[str] | None = None
+) -> Iterator[Discovered]:
+    """Every object under ``s3://bucket/prefix`` that the filters want, fingerprinted from the listing; the
+    others go to ``ignored`` (folder markers and empty objects are not counted)."""
     from pipeline.storage import s3_client, translate_s3_error
 
     bucket, prefix = split_s3_uri(uri, key_required=False)
@@ -103,7 +113,12 @@ def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[D
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
             for item in page.get("Contents", []):
                 key, size = item["Key"], int(item.get("Size", 0))
-                if size == 0 or not filters.wants(key[len(prefix) :].lstrip("/") or key):
+                if size == 0:
+                    continue
+                reason = filters.left_out(key[len(prefix) :].lstrip("/") or key)
+                if reason is not None:
+                    if ignored is not None and reason == "not media":
+                        ignored.append(f"s3://{bucket}/{key}")
                     continue
                 etag = str(item.get("ETag", "")).strip('"')
                 yield Discovered(
@@ -116,12 +131,16 @@ def list_s3_prefix(uri: str, settings: Settings, filters: Filters) -> Iterator[D
         yield Discovered(uri, rejected=str(translated))
 
 
-def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iterator[Discovered]:
+def discover(
+    inputs: Iterable[str], settings: Settings, filters: Filters, ignored: list[str] | None = None
+) -> Iterator[Discovered]:
     """Expand inputs in order: directories and S3 prefixes into their media, files and objects as given.
 
     A source over ``OMNIQ_MAX_FILE_BYTES`` (by its listing, HEAD or stat) is rejected here, before any
-    worker downloads it."""
-    for item in _expand(inputs, settings, filters):
+    worker downloads it. Files of a directory or prefix left out for not being media (by extension, when no
+    ``--include`` is given) are added to ``ignored``.
+    A glob (``*``, ``?``, ``[``) in a local path that names no file expands to the files it matches."""
+    for item in _expand(inputs, settings, filters, [] if ignored is None else ignored):
         if item.ref is not None:
             try:
                 check_size(item.ref.size_bytes, settings, item.uri)
@@ -130,13 +149,16 @@ def discover(inputs: Iterable[str], settings: Settings, filters: Filters) -> Ite
         yield item
 
 
-def _expand(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iterator[Discovered]:
+def _expand(inputs: Iterable[str], settings: Settings, filters: Filters, ignored: list[str]) -> Iterator[Discovered]:
     for uri in inputs:
         path = local_path(uri)
         if path is not None:
             path = path.expanduser()
             if path.is_dir():
-                yield from _walk_directory(path, filters, settings)
+                yield from _walk_directory(path, filters, settings, ignored)
+            elif not path.exists() and any(c in str(path) for c in "*?[") and (matches := _glob(path)):
+                for match in matches:
+                    yield from _expand([str(match)], settings, filters, ignored)
             else:
                 yield _local(uri, settings)
         elif uri.startswith("s3://"):
@@ -144,10 +166,17 @@ def _expand(inputs: Iterable[str], settings: Settings, filters: Filters) -> Iter
                 if not split_s3_uri(uri, key_required=False)[0]:
                     yield Discovered(uri, rejected=f"{uri}: no bucket; use s3://BUCKET/PREFIX")
                 elif _is_s3_prefix(uri, filters):
-                    yield from list_s3_prefix(uri, settings, filters)
+                    yield from list_s3_prefix(uri, settings, filters, ignored)
                 else:
                     yield Discovered(uri, resolve_source(uri, settings))
             except OmniqError as error:
                 yield Discovered(uri, rejected=str(error))
         else:
             yield Discovered(uri, rejected=f"{uri}: unsupported source; give a path, a directory or s3://bucket/key")
+
+
+def _glob(pattern: Path) -> list[Path]:
+    """The paths a shell-style pattern matches (``**`` for any depth), sorted; a quoted glob works as typed."""
+    anchor = Path(pattern.anchor) if pattern.is_absolute() else Path()
+    relative = pattern.relative_to(anchor) if pattern.is_absolute() else pattern
+    return sorted(anchor.glob(str(relative)))

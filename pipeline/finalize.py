@@ -79,13 +79,16 @@ def finalize(
     segments = assemble.transcript_segments(chunks)
     subtitles = cues.build_cues(segments)
     language = settings.language or _detected_language(storage, spec.job_id)
+    # text from the random-weight test model says so in every document that has room for it (README "Results")
+    notice = RANDOM_NOTICE if summary.get("random_weights") else None
+    marked = (lambda document: {"notice": notice, **document}) if notice else (lambda document: document)
     documents: dict[str, bytes] = {
-        "transcript.json": assemble.dumps(assemble.transcript_doc(segments, language)),
+        "transcript.json": assemble.dumps(marked(assemble.transcript_doc(segments, language))),
         "transcript.srt": assemble.to_srt(subtitles).encode(),
-        "transcript.vtt": assemble.to_vtt(subtitles).encode(),
+        "transcript.vtt": assemble.to_vtt(subtitles, notice).encode(),
         "transcript.txt": assemble.to_txt(subtitles).encode(),
-        "captions.json": assemble.dumps(assemble.captions_doc(chunks)),
-        "summary.json": assemble.dumps(assemble.summary_doc(summary["summary"], chunks)),
+        "captions.json": assemble.dumps(marked(assemble.captions_doc(chunks))),
+        "summary.json": assemble.dumps(marked(assemble.summary_doc(summary["summary"], chunks))),
     }
     prefix = results_prefix(spec.media_id)
     for name, data in documents.items():

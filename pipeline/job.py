@@ -38,7 +38,7 @@ from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
 from pipeline.media import extract, pack, plan, speech
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import check_limits, probe_media
-from pipeline.sources import fetch_source
+from pipeline.sources import SourceRef, fetch_source
 from pipeline.spec import (
     JobPlan,
     JobSpec,
@@ -214,7 +214,7 @@ def update_index(index: SearchIndex | None, storage: Storage, media_id: str) -> 
 
 
 def run_job(
-    source: str,
+    source: str | SourceRef,
     settings: Settings,
     storage: Storage,
     engine: Engine,
@@ -222,20 +222,29 @@ def run_job(
     *,
     budget: ChunkBudget | None = None,
     ingest_lock: threading.Lock | None = None,
+    force: bool = False,
 ) -> JobOutcome:
     """Run every step in this process. Permanent errors become a failed manifest, not an exception.
 
+    A source already done with the same content and output-shaping settings is ``skipped`` unless ``force``.
     ``ingest_lock`` lets one file decode at a time while others run the model (see :func:`run_jobs`).
     """
+    name = source.uri if isinstance(source, SourceRef) else source
     try:
-        spec = make_spec(source, settings)
+        spec = make_spec(name, settings, ref=source if isinstance(source, SourceRef) else None)
     except OmniqError as error:
-        return JobOutcome(source, None, "failed", None, str(error))
+        return JobOutcome(name, None, "failed", None, str(error))
+    result_uri = storage.uri(results_prefix(spec.media_id))
+    if not force:
+        done = finished_manifest(storage, spec.media_id, config_hash_of(spec.config))
+        if done is not None:
+            return JobOutcome(spec.source, spec.media_id, "skipped", result_uri, None, done)
     timings: dict[str, float] = {}
     started = time.monotonic()
     try:
         with ingest_lock or nullcontext():
             job_plan = ingest(spec, settings, storage)
+        timings |= job_plan.timings  # a failure later still records what ingest took
         infer_started = time.monotonic()
         infer_file(job_plan, engine, storage, settings, budget)
         timings["infer_s"] = round(time.monotonic() - infer_started, 3)
@@ -246,20 +255,22 @@ def run_job(
         manifest = finalize(job_plan, storage, settings, timings)
     except OmniqError as error:
         log.warning("job %s for %s failed: %s", spec.job_id, spec.source, error)
+        timings["total_s"] = round(time.monotonic() - started, 3)
         manifest = write_failure(spec, storage, settings, error, timings)
         update_index(index, storage, spec.media_id)
-        return JobOutcome(spec.source, spec.media_id, "failed", None, manifest["error"], manifest)
+        return JobOutcome(spec.source, spec.media_id, "failed", result_uri, manifest["error"], manifest)
     update_index(index, storage, spec.media_id)
-    result_uri = storage.uri(results_prefix(spec.media_id))
     return JobOutcome(spec.source, spec.media_id, "done", result_uri, None, manifest)
 
 
 def run_jobs(
-    sources: Iterable[str],
+    sources: Iterable[str | SourceRef],
     settings: Settings,
     storage: Storage,
     engine: Engine,
     index: SearchIndex | None = None,
+    *,
+    force: bool = False,
 ) -> Iterator[JobOutcome]:
     """Run many files in this process and yield their outcomes in order.
 
@@ -281,7 +292,15 @@ def run_jobs(
             for source in sources:
                 pending.append(
                     files.submit(
-                        run_job, source, settings, storage, pipelined, index, budget=budget, ingest_lock=ingest_lock
+                        run_job,
+                        source,
+                        settings,
+                        storage,
+                        pipelined,
+                        index,
+                        budget=budget,
+                        ingest_lock=ingest_lock,
+                        force=force,
                     )
                 )
                 while len(pending) > at_once and pending[0].done():

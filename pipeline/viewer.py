@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from pipeline.config import Settings
 from pipeline.errors import PermanentError, SourceNotFound
-from pipeline.sources import local_path
+from pipeline.sources import display_source, local_path
 from pipeline.spec import get_json, results_prefix
 from pipeline.storage import Storage
 from pipeline.viewer_assets import SCRIPT, STYLE
@@ -192,7 +192,7 @@ def render_viewer(
     name = escape(source_name(source))
     playable = bool(media_url)
     facts = [
-        ("Source", source),
+        ("Source", display_source(source)),  # as people write it: a path, not a percent-encoded URI
         ("Duration", clock(_number(manifest.get("duration_s")))),
         ("Model", manifest.get("model")),
         ("Chunks", manifest.get("chunks")),

@@ -24,11 +24,12 @@ audio#player { background: none; }
 video#player { max-height: 60vh; }
 .note { color: var(--muted); margin: 0; }
 .note code { background: var(--bg); padding: 1px 5px; border-radius: 4px; }
-#summary-text { white-space: pre-wrap; margin: 0; }
+#summary-text { white-space: pre-wrap; margin: 0; overflow-wrap: anywhere; }
 .side { display: flex; flex-direction: column; gap: 20px; min-width: 0; }
 #transcript-list { list-style: none; margin: 0; padding: 0; max-height: 70vh; overflow-y: auto; position: relative; }
 .segment { display: flex; align-items: baseline; gap: 10px; padding: 6px 8px; border-radius: 6px; }
 .segment + .segment { border-top: 1px solid var(--line); }
+.segment .text { flex: 1 1 auto; min-width: 0; overflow-wrap: anywhere; }
 .playable .segment, .playable .chunk { cursor: pointer; }
 .playable .segment:hover, .playable .chunk:hover { background: var(--bg); }
 .segment.current, .chunk.current { background: var(--hl); }

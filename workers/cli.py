@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError
+from pipeline.sources import display_source
 
 log = logging.getLogger("omniq")
 
@@ -32,20 +33,28 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engines.omni import OmniEngine
-    from pipeline.job import run_jobs
+    from pipeline.job import JobOutcome, run_jobs
     from pipeline.search import open_index
     from pipeline.storage import open_storage
 
     settings = _settings(args).model_copy(update={"storage_url": args.out})
     storage = open_storage(args.out, settings)
-    engine = OmniEngine(settings)
-    index = open_index(settings.index_url, settings)
-    outcomes = []
-    for outcome in run_jobs(args.sources, settings, storage, engine, index):
-        outcomes.append(outcome)
+    sources, rejected, ignored = _discover_for_run(args, settings)
+    outcomes = [JobOutcome(d.uri, None, "failed", None, d.rejected) for d in rejected]
+    for outcome in outcomes:
         if not args.json:
             print(_outcome_line(outcome), flush=True)
-    if engine.random_weights and any(o.status == "done" for o in outcomes):
+    engine = OmniEngine(settings) if sources else None  # no model load for nothing to run
+    if engine is not None:
+        index = open_index(settings.index_url, settings)
+        for outcome in run_jobs(sources, settings, storage, engine, index, force=args.force):
+            outcomes.append(outcome)
+            if not args.json:
+                print(_outcome_line(outcome), flush=True)
+    if not args.json and ignored:
+        print(_ignored_note(ignored).removeprefix(", "), file=sys.stderr)
+    _list_ignored(ignored, args.verbose)
+    if engine is not None and engine.random_weights and any(o.status == "done" for o in outcomes):
         print(
             "NOTE: --model tiny has random weights: the transcripts, captions and summaries are random text, "
             "useful only to check the pipeline. Use --model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path.",
@@ -53,19 +62,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps([o.to_dict() for o in outcomes], indent=2))
-    return 0 if all(o.status == "done" for o in outcomes) else 1
+    if not outcomes:
+        raise ConfigError("nothing to run: the directories and prefixes given hold no media files")
+    return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
+
+
+def _discover_for_run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any], list[Any], list[str]]:
+    """What ``run`` takes, as ``enqueue`` does: files, directories, globs, S3 URIs and prefixes, --from-file."""
+    from pipeline.discover import Filters, discover, read_list_file
+
+    inputs = list(args.sources)
+    for list_file in args.from_file or []:
+        inputs.extend(read_list_file(Path(list_file)))
+    if not inputs:
+        raise ConfigError("nothing to run: give files, directories, s3:// URIs or --from-file LIST")
+    filters = Filters(settings.media_extension_set(), tuple(args.include or ()), tuple(args.exclude or ()))
+    ignored: list[str] = []
+    found = list(discover(inputs, settings, filters, ignored))
+    return [d.ref for d in found if d.ref is not None], [d for d in found if d.ref is None], ignored
 
 
 def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
+    source = display_source(outcome.source)
+    manifest = outcome.manifest or {}
     if outcome.status == "done":
-        manifest = outcome.manifest or {}
         return (
-            f"done    {outcome.source} -> {outcome.result_uri} "
+            f"done    {source} -> {outcome.result_uri} "
             f"({manifest.get('chunks')} chunks, {manifest.get('duration_s', 0):.1f} s of media, "
             f"{manifest.get('timings', {}).get('total_s', 0):.1f} s)\n"
             f"        view: {manifest.get('outputs', {}).get('index.html', outcome.result_uri + '/index.html')}"
         )
-    return f"{outcome.status:<7} {outcome.source}: {outcome.error}"
+    if outcome.status == "skipped":
+        return f"skipped {source}: already done with these settings (--force runs it again) -> {outcome.result_uri}"
+    return f"{outcome.status:<7} {source}: {outcome.error}"
 
 
 def _start_again(code: int) -> None:
@@ -192,6 +221,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to enqueue: give files, directories, s3:// URIs or --from-file LIST")
     filters = Filters(settings.media_extension_set(), tuple(args.include or ()), tuple(args.exclude or ()))
     bar = _progress_bar(enabled=not args.json and sys.stderr.isatty())
+    ignored: list[str] = []
     outcomes = enqueue(
         sources,
         settings,
@@ -202,6 +232,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         priority=args.priority,
         filters=filters,
         progress=(lambda outcome: bar.update(1)) if bar else None,
+        ignored=ignored,
     )
     if bar:
         bar.close()
@@ -210,18 +241,32 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     else:
         for outcome in outcomes:
             detail = f" ({outcome.reason})" if outcome.reason else ""
-            print(f"{outcome.status:<9} {outcome.job_id or '-'}  {outcome.source}{detail}")
+            print(f"{outcome.status:<9} {outcome.job_id or '-'}  {display_source(outcome.source)}{detail}")
     counts = Counter(o.status for o in outcomes)
     reasons = Counter(o.reason for o in outcomes if o.status == "skipped")
     skipped = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
     print(
         f"enqueued {counts['enqueued']}, skipped {counts['skipped']}{f' ({skipped})' if skipped else ''}, "
-        f"rejected {counts['rejected']}",
+        f"rejected {counts['rejected']}{_ignored_note(ignored)}",
         file=sys.stderr,
     )
     for outcome in [o for o in outcomes if o.status == "rejected"][:20]:
         print(f"  rejected: {outcome.reason}", file=sys.stderr)
+    _list_ignored(ignored, args.verbose)
     return 1 if counts["rejected"] else 0
+
+
+def _ignored_note(ignored: list[str]) -> str:
+    """``, ignored 2 non-media files (-v lists them)``: what the extension filter left out of directories."""
+    if not ignored:
+        return ""
+    return f", ignored {len(ignored)} non-media file{'s' if len(ignored) != 1 else ''} (-v lists them)"
+
+
+def _list_ignored(ignored: list[str], verbose: bool) -> None:
+    if verbose:
+        for path in ignored:
+            print(f"  ignored: {display_source(path)}", file=sys.stderr)
 
 
 def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
@@ -266,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process files in this process (no Redis needed)")
-    run.add_argument("sources", nargs="+", metavar="FILE_OR_URI")
+    run.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI", help="files, directories, globs, s3:// URIs")
+    run.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
+    run.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
+    run.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
+    run.add_argument("--force", action="store_true", help="run again even if already done with these settings")
     run.add_argument(
         "--out", default="./omniq-data", help="results directory or s3://bucket/prefix (default ./omniq-data)"
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
+from pipeline.sources import display_source
 
 
 def add_commands(commands: Any) -> None:
@@ -103,7 +104,7 @@ def job_details(state: Any, settings: Settings, jobs: list[dict[str, Any]], now:
 def _status_line(row: dict[str, Any]) -> str:
     error = f"  {row['error']}" if row["error"] else ""
     progress = f"{row['chunks_done']}/{row['chunks_total']} chunks"
-    line = f"{row['job_id']}  {row['status']:<11} {progress}  {row['source']}{error}"
+    line = f"{row['job_id']}  {row['status']:<11} {progress}  {display_source(row['source'])}{error}"
     if row["age_s"] is None:
         return line
     notes = [f"age {_ago(row['age_s'])}", f"last progress {_ago(row['progress_age_s'])} ago"]
@@ -197,7 +198,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         outcomes.append(outcome.to_dict())
         if not args.json:
             detail = f" ({outcome.reason})" if outcome.reason else ""
-            print(f"{outcome.status:<9} {outcome.job_id or job_id}  {outcome.source}{detail}")
+            print(f"{outcome.status:<9} {outcome.job_id or job_id}  {display_source(outcome.source)}{detail}")
         if outcome.status != "enqueued":
             code = 1
     if args.json:
@@ -252,8 +253,6 @@ def _last_id(client: Any) -> str:
 
 
 def _print_event(event: Any, args: argparse.Namespace) -> None:
-    from pipeline.sources import display_source
-
     if args.job and event.job_id != args.job:
         return
     if args.json:

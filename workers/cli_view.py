@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, SourceNotFound
+from pipeline.errors import ConfigError, OmniqError, SourceNotFound
 from pipeline.sources import SourceRef, local_path, resolve_source
 from pipeline.spec import get_json, results_prefix
 from pipeline.storage import LocalStorage, Storage, open_storage
@@ -226,7 +226,7 @@ def find_media_id(target: str, storage: Storage, settings: Settings) -> str:
         uri = ref.uri
         if storage.exists(f"{results_prefix(ref.media_id)}/manifest.json"):
             return ref.media_id
-    except (SourceNotFound, ConfigError):
+    except OmniqError:  # gone, unreadable or unreachable: the manifests still name it
         pass
     newest: tuple[str, str] | None = None
     for key in storage.list_keys("results"):

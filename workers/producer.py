@@ -82,11 +82,13 @@ def enqueue(
     priority: int = 5,
     filters: Filters | None = None,
     progress: Callable[[Enqueued], None] | None = None,
+    ignored: list[str] | None = None,
 ) -> list[Enqueued]:
     """Enqueue every source (files, directories, S3 prefixes); returns one outcome per discovered source.
 
     A job already done with the same content and config is skipped unless ``force``; a job that is queued
     or running is skipped, unless ``force`` and no worker has held it for a lease period (then it restarts).
+    Files of directories and prefixes that the filters leave out are added to ``ignored``.
     """
     from workers.app import app
     from workers.tasks import ingest
@@ -103,7 +105,7 @@ def enqueue(
     seen: set[str] = set()
     leases = Leases(state, settings.lease_seconds, settings.lease_renew_seconds)
     with app.connection_for_write() as connection, ThreadPoolExecutor(PREPARE_THREADS) as pool:
-        for batch in _batches(discover(sources, settings, filters), BATCH):
+        for batch in _batches(discover(sources, settings, filters, ignored), BATCH):
             slots: list[Enqueued | None] = [None] * len(batch)  # outcomes in input order
             specs: list[tuple[int, job.JobSpec]] = []
             for position, item in enumerate(batch):

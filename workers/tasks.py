@@ -162,6 +162,9 @@ class OmniqTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None  # retries end on a time budget (_retry_later), not on a count
+    # omniq's own errors are expected outcomes: Celery logs them in one INFO line, no traceback ("raised
+    # expected"); fail_job logs the one ERROR line; tracebacks are for the unexpected
+    throws = (OmniqError,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Time every task and how long it waited in its queue: one place for all tasks."""
@@ -387,8 +390,11 @@ def write_failure_manifest(job_id: str) -> bool:
         log.error("job %s failed; no manifest is written, its record in Redis is malformed: %s", job_id, error)
         state().redis.srem(PENDING_FAILURES, job_id)
         return True
+    timings = state().timings(job_id)
+    if record.get("created_at"):  # as long as it ran, like a done job's total
+        timings["total_s"] = round(float(record.get("updated_at") or time.time()) - float(record["created_at"]), 3)
     try:
-        job.write_failure(spec, storage(), settings(), record.get("error") or "failed", state().timings(job_id))
+        job.write_failure(spec, storage(), settings(), record.get("error") or "failed", timings)
     except OmniqError as error:
         log.warning("the failed manifest of job %s is not written yet (will try again): %s", job_id, error)
         return False
@@ -464,11 +470,15 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int], unit: str | N
     plan = job.load_plan(storage(), job_id)
     job_settings = job.settings_for(plan.spec, settings(), runs_model=True)
     started = time.monotonic()
+    state().redis.hsetnx(JobState.key(job_id), "infer_started_at", time.time())  # infer_s runs from the first batch
     job.infer_chunks(plan, chunks, engine(), storage(), job_settings, chunk_budget())
     metrics.CHUNKS.labels(queue=self.queue_name, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
     done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
     # a unit sent again after its worker died between the last chunk and sending summarize sends it now
+    if completed_job:  # the job's model time, as a local run records it: from the first batch to the last
+        first = float(state().redis.hget(JobState.key(job_id), "infer_started_at") or time.time())
+        state().add_timings(job_id, {"infer_s": round(time.time() - first, 3)})
     if completed_job or (done >= len(plan.chunks) and not state().was_sent(job_id, SUMMARIZE)):
         state().incr(job_id, "summarize_sent")
         summarize.publish(

@@ -105,8 +105,11 @@ def build_extract_command(
     return command.overwrite_output().compile(cmd=ffmpeg_exe)
 
 
-def run_ffmpeg(command: list[str], timeout: float, name: str) -> float:
-    """Run ``command`` (never through a shell) with a timeout; return its wall time in seconds."""
+def run_ffmpeg(command: list[str], timeout: float, name: str, local: Path | None = None) -> float:
+    """Run ``command`` (never through a shell) with a timeout; return its wall time in seconds.
+
+    Errors name the input as ``name`` (its source), never as ``local``, the file ffmpeg read (a worker's
+    temporary copy)."""
     started = time.monotonic()
     try:
         completed = subprocess.run(command, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
@@ -115,7 +118,11 @@ def run_ffmpeg(command: list[str], timeout: float, name: str) -> float:
             f"{name}: ffmpeg did not finish within {timeout:.0f} s; raise OMNIQ_FFMPEG_TIMEOUT_SECONDS for long files"
         ) from error
     if completed.returncode != 0:
-        tail = completed.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        text = completed.stderr.decode(errors="replace")
+        if local is not None:
+            for spelled in (f"file:{local.resolve()}", str(local.resolve()), str(local)):
+                text = text.replace(spelled, name)
+        tail = text.strip().splitlines()[-5:]
         raise PermanentMediaError(f"{name}: ffmpeg could not decode the file: {' | '.join(tail) or 'no message'}")
     return time.monotonic() - started
 
@@ -164,7 +171,7 @@ def extract_media(
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
     bound = decode_bound(info.duration_s, max_duration_seconds)
     command = build_extract_command(source, out_dir, info, fps, max_pixels, ffmpeg_binary(), bound)
-    seconds = run_ffmpeg(command, timeout, name)
+    seconds = run_ffmpeg(command, timeout, name, source)
     frame_count = len(list((out_dir / "frames").glob("*.jpg")))
     audio_path = out_dir / "audio.wav" if info.audio_index is not None else None
     samples = len(read_wav_int16(audio_path)) if audio_path else 0

@@ -57,6 +57,13 @@ def _rotation(stream: av.video.stream.VideoStream) -> int:
         return 0
 
 
+def av_reason(error: Exception) -> str:
+    """FFmpeg's own words for a PyAV error ("Invalid data found when processing input"), without the errno
+    ("[Errno 1094995529]") or the local file name (a worker's temporary copy says nothing to the user)."""
+    reason = getattr(error, "strerror", None)
+    return str(reason) if reason else type(error).__name__
+
+
 def probe_media(path: Path, name: str | None = None) -> MediaInfo:
     """Read streams and duration of ``path``; raise :class:`PermanentMediaError` for anything unusable.
 
@@ -67,7 +74,8 @@ def probe_media(path: Path, name: str | None = None) -> MediaInfo:
         raise SourceNotFound(f"{label}: no such file; check the path or URI")
     size = path.stat().st_size
     if size == 0:
-        raise PermanentMediaError(f"{label}: the file is empty (0 bytes); upload it again")
+        again = "upload it again" if label.startswith("s3://") else "check that it was written completely"
+        raise PermanentMediaError(f"{label}: the file is empty (0 bytes); {again}")
     with path.open("rb") as handle:
         head = handle.read(64).lstrip()
     if head.startswith(REFERENCING_MAGIC):
@@ -79,7 +87,8 @@ def probe_media(path: Path, name: str | None = None) -> MediaInfo:
         container = av.open(str(path), options={"protocol_whitelist": "file"})
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as error:
         raise PermanentMediaError(
-            f"{label}: not a decodable audio or video file ({error}); check that it is media and not truncated"
+            f"{label}: not a decodable audio or video file ({av_reason(error)}); check that it is media and not "
+            "truncated"
         ) from error
     with container:
         format_name = container.format.name

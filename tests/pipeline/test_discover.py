@@ -28,6 +28,23 @@ def test_directory_recursion_uses_media_extensions(library):
     assert all(item.ref is not None and item.ref.uri.startswith("file:///") for item in found)
 
 
+def test_files_the_filters_leave_out_are_counted_and_globs_expand(library):
+    settings = Settings()
+    ignored: list[str] = []
+    list(discover([str(library)], settings, Filters(settings.media_extension_set()), ignored))
+    assert [p.rsplit("/", 1)[-1] for p in ignored] == ["notes.txt"]  # not hidden files, not what --exclude left
+    found = list(
+        discover(
+            [str(library / "sub" / "**" / "*.wav"), str(library / "[ab].*")],
+            settings,
+            Filters(settings.media_extension_set()),
+        )
+    )
+    assert _names(found) == ["a.mp4", "b.MP3", "d.wav"]
+    (nothing,) = discover([str(library / "*.flac")], settings, Filters(settings.media_extension_set()))
+    assert nothing.ref is None and "no such file" in nothing.rejected  # a glob that matches nothing says so
+
+
 def test_include_and_exclude_globs(library):
     settings = Settings()
     only_video = Filters(settings.media_extension_set(), include=("*.mp4", "*.mkv"))

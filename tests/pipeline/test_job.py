@@ -96,6 +96,10 @@ def test_video_with_audio_produces_every_output(media, settings, engine, tmp_pat
     summary = json.loads(_read(storage, outcome.media_id, "summary.json"))
     assert isinstance(summary["summary"], str)
     assert [c["index"] for c in summary["chunks"]] == [0, 1, 2]
+    # the tiny model's text says so in every JSON document, and in the WebVTT file as a NOTE players hide
+    for document in (transcript, summary, json.loads(_read(storage, outcome.media_id, "captions.json"))):
+        assert document["notice"] == manifest["notice"]
+    assert (results / "transcript.vtt").read_text().startswith("WEBVTT\n\nNOTE Written by the tiny random-weight")
     assert not (storage.root / "work" / manifest["job_id"]).exists(), "work data is removed after finalize"
 
 
@@ -120,7 +124,7 @@ def test_sound_that_is_not_speech_is_not_transcribed_but_still_captioned(setting
         outcome = run_job(str(path), settings, storage, engine)
         assert outcome.status == "done", outcome.error
         transcript = json.loads(_read(storage, outcome.media_id, "transcript.json"))
-        assert transcript == {"language": None, "segments": []}
+        assert {k: v for k, v in transcript.items() if k != "notice"} == {"language": None, "segments": []}
         assert _read(storage, outcome.media_id, "transcript.srt") == ""
         captions = json.loads(_read(storage, outcome.media_id, "captions.json"))["chunks"]
         assert captions and all(c["visual"] for c in captions)  # captioned from frames and sound
@@ -130,8 +134,10 @@ def test_rerun_is_idempotent(media, settings, engine, tmp_path):
     storage = LocalStorage(tmp_path / "store")
     first = run_job(str(media["audio"]), settings, storage, engine)
     before = {n: _read(storage, first.media_id, n) for n in RESULT_FILES if n not in ("manifest.json", "index.html")}
-    second = run_job(str(media["audio"]), settings, storage, engine)
-    assert second.media_id == first.media_id
+    skipped = run_job(str(media["audio"]), settings, storage, engine)  # done with these settings: not again
+    assert (skipped.status, skipped.result_uri, skipped.media_id) == ("skipped", first.result_uri, first.media_id)
+    second = run_job(str(media["audio"]), settings, storage, engine, force=True)
+    assert second.media_id == first.media_id and second.status == "done"
     after = {n: _read(storage, second.media_id, n) for n in RESULT_FILES if n not in ("manifest.json", "index.html")}
     assert before == after  # greedy decoding on the same input: same text (the page and manifest carry times)
 
@@ -187,6 +193,9 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     assert [o["status"] for o in outcomes] == ["done", "failed"]
     assert all(set(o) == {"source", "media_id", "status", "result_uri", "error"} for o in outcomes)
     assert "bad.mkv" in outcomes[1]["error"]
+    failed_manifest = tmp_path / "out" / "results" / outcomes[1]["media_id"] / "manifest.json"
+    assert outcomes[1]["result_uri"] == failed_manifest.parent.as_uri()  # a failed file has results too
+    assert json.loads(failed_manifest.read_text())["timings"]["total_s"] >= 0
     assert "random" in completed.stderr  # the console says the tiny model's text is random
     # the finished file went into the search index beside the results
     transcript = json.loads((tmp_path / "out" / "results" / outcomes[0]["media_id"] / "transcript.json").read_text())
@@ -203,7 +212,18 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     completed = subprocess.run(
         command[:-3] + ["--chunk-seconds", "10"], capture_output=True, text=True, env=env, timeout=300
     )
-    assert completed.returncode == 1 and completed.stdout.startswith("done")
+    assert completed.returncode == 1 and completed.stdout.startswith("skipped")  # done already, the bad one again
+    # a directory, as enqueue takes it: its media (a link to the done file: the same media) and a note it ignores
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "talk.mp3").symlink_to(media["audio"].resolve())
+    (folder / "notes.txt").write_text("not media")
+    again = subprocess.run(
+        [*command[:4], str(folder), *command[6:-1], "-v"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"skipped {media['audio'].resolve()}: already done")
+    assert "ignored 1 non-media file" in again.stderr and f"ignored: {folder / 'notes.txt'}" in again.stderr
 
 
 def test_many_files_share_batches_and_the_next_ingest_overlaps_inference(settings, tmp_path, monkeypatch):

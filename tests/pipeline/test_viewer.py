@@ -107,7 +107,15 @@ def test_model_text_is_escaped_everywhere() -> None:
     assert elements.named("img") == []
     assert not any("onclick" in attrs or "onerror" in attrs for _, attrs in elements.tags)
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 3  # caption, segment, summary
-    assert html.count("&lt;img src=x onerror=alert(1)&gt;") == 3  # chunk summary, file name in title and h1
+    # chunk summary, file name in title and h1, and the source path in the facts
+    assert html.count("&lt;img src=x onerror=alert(1)&gt;") == 4
+
+
+def test_the_source_is_shown_as_people_write_it() -> None:
+    docs = results()
+    docs["manifest"]["source"] = "file:///media/talk%20%C3%A4%20b.mp4"
+    html = page(docs)
+    assert "/media/talk ä b.mp4" in html and "%20" not in html.split("<script")[0]
 
 
 def test_csp_pins_inline_code_and_allows_no_network() -> None:

@@ -159,6 +159,11 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
     assert bad["status"] == "failed" and "corrupt.mp4" in bad["error"]
     bad_manifest = _manifest(cluster, bad["media_id"])
     assert bad_manifest["status"] == "failed" and "corrupt.mp4" in bad_manifest["error"]
+    assert "omniq-ingest" not in bad["error"] and "Errno" not in bad["error"]  # the source, not the worker's copy
+    assert bad_manifest["timings"]["total_s"] > 0  # a failed manifest keeps its timings
+    media_log = (cluster["logs"] / "media.log").read_text()
+    errors = [line for line in media_log.splitlines() if bad["job_id"] in line and " ERROR " in line]
+    assert len(errors) == 1 and "raised unexpected" not in media_log, errors  # one line, no traceback
 
     for good in (talk, silent, podcast):  # the worker kept serving after the corrupt file
         assert good["status"] == "done", good
@@ -462,3 +467,5 @@ def test_ended_jobs_are_notified_once_signed(cluster, tmp_path):
     assert (body["event"], body["status"], body["media_id"]) == ("done", "done", final["media_id"])
     assert body["result_uri"] == storage.uri(f"results/{final['media_id']}/manifest.json")
     assert body["manifest"]["status"] == "done" and body["manifest"]["duration_s"] > 3
+    timings = json.loads(storage.get_bytes(f"results/{final['media_id']}/manifest.json"))["timings"]
+    assert {"ingest_s", "infer_s", "summarize_s", "total_s"} <= set(timings)  # as a local run records them

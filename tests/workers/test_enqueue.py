@@ -125,6 +125,7 @@ def test_cli_bulk_enqueue_with_list_file(broker, library, tmp_path):
     assert [o["status"] for o in outcomes].count("enqueued") == 4  # ep1-ep3 from the dir, ep4 from the list
     assert sum(1 for o in outcomes if o["status"] == "skipped") == 1  # ep4 again through the list
     assert "enqueued 4, skipped 1" in completed.stderr and "rejected 1" in completed.stderr
+    assert "ignored 1 non-media file (-v lists them)" in completed.stderr  # cover.jpg; ep0 was --exclude'd
     assert "nope.mp4" in completed.stderr
     assert all(
         json.loads(state.redis.hget(state.key(o["job_id"]), "spec"))["tag"] == "nightly"

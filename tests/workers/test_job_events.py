@@ -101,3 +101,11 @@ def test_omniq_events_prints_and_follows(broker):
         watchdog.cancel()
         following.terminate()
         following.wait(timeout=30)
+
+
+def test_status_shows_paths_as_people_write_them():
+    from workers.cli_jobs import _status_line
+
+    row = {"job_id": "j", "status": "done", "chunks_done": 1, "chunks_total": 1, "error": None, "age_s": None}
+    assert _status_line(row | {"source": "file:///m/talk%20%C3%A4.mp4"}).endswith("  /m/talk ä.mp4")
+    assert _status_line(row | {"source": "s3://b/a%20b.mp4"}).endswith("  s3://b/a%20b.mp4")  # S3 keys are verbatim

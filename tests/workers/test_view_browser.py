@@ -264,3 +264,35 @@ def test_only_loopback_hosts() -> None:
     for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
         with pytest.raises(ConfigError, match="no authentication"):
             check_loopback(host)
+
+
+def test_long_unbroken_words_wrap_inside_their_cards(tmp_path: Path) -> None:
+    """A summary or transcript row with one 400-character token stays in its card: no page-wide overflow and no
+    horizontal scroller in the transcript."""
+    from tests.pipeline.test_viewer import page as render_page
+    from tests.pipeline.test_viewer import results
+
+    token = "x" * 400
+    docs = results()
+    docs["summary"]["summary"] = f"Before {token} after."
+    docs["transcript"]["segments"][0]["text"] = f"Look: {token}"
+    docs["captions"]["chunks"][0]["visual"] = token
+    path = tmp_path / "index.html"
+    path.write_text(render_page(docs))
+    with chromium_page() as page:
+        page.set_viewport_size({"width": 1000, "height": 800})
+        page.goto(path.as_uri())
+        overflow = page.evaluate(
+            """() => {
+              const out = (el) => el.getBoundingClientRect().right - el.closest('section').getBoundingClientRect().right;
+              const list = document.querySelector('#transcript-list');
+              return {
+                page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+                summary: out(document.querySelector('#summary-text')),
+                segment: out(document.querySelector('.segment .text')),
+                transcript: list.scrollWidth - list.clientWidth,
+              };
+            }"""
+        )
+    assert overflow["page"] <= 0 and overflow["summary"] <= 1 and overflow["segment"] <= 1, overflow
+    assert overflow["transcript"] <= 0, overflow

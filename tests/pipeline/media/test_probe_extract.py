@@ -46,6 +46,18 @@ def test_probe_rejects_non_media_with_the_name(media):
     bogus.write_bytes(b"this is not a video at all\n" * 100)
     with pytest.raises(PermanentMediaError, match="notes.mp4.*not a decodable"):
         probe_media(bogus)
+    # a worker reads a temporary copy: the error names the source, in FFmpeg's words, without an errno
+    with pytest.raises(PermanentMediaError) as refused:
+        probe_media(bogus, "s3://media/talk.mp4")
+    message = str(refused.value)
+    assert message.startswith("s3://media/talk.mp4: not a decodable audio or video file (Invalid data found")
+    assert "Errno" not in message and str(bogus) not in message
+    empty = media["dir"] / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(PermanentMediaError, match="empty .0 bytes.; check that it was written completely"):
+        probe_media(empty)
+    with pytest.raises(PermanentMediaError, match="empty .0 bytes.; upload it again"):
+        probe_media(empty, "s3://media/empty.mp4")
 
 
 def test_probe_rejects_truncated_file(media):
@@ -142,9 +154,10 @@ def test_corrupt_stream_fails_extraction_clearly(media, tmp_path):
         data[offset] = 0
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(bytes(data))
-    with pytest.raises(PermanentMediaError, match="broken.mp4"):
-        info = probe_media(broken, "broken.mp4")
-        extract_media(broken, tmp_path / "b", info, 2.0, 10_000, 60, "broken.mp4")
+    with pytest.raises(PermanentMediaError, match="s3://media/talk.mp4") as refused:
+        info = probe_media(broken, "s3://media/talk.mp4")
+        extract_media(broken, tmp_path / "b", info, 2.0, 10_000, 60, "s3://media/talk.mp4")
+    assert str(broken) not in str(refused.value) and "Errno" not in str(refused.value)  # the source, not the copy
 
 
 def test_a_file_that_decodes_longer_than_it_states_is_stopped_and_refused(tmp_path):
