@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # local files only from its store, where the producer puts (links or uploads) what it enqueues.
     local_source_roots: str = ""
 
-    # Search index (see pipeline/search.py): sqlite:///path; unset = index.sqlite beside local results,
+    # Search index (see pipeline/search/__init__.py): sqlite:///path; unset = index.sqlite beside local results,
     # or under cache_dir when results are on S3
     index_url: str | None = None
 

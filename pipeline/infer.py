@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline import languages, prompts
-from pipeline.assemble import ChunkResult
 from pipeline.config import Settings
 from pipeline.engines.base import Engine, GenerationRequest
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
+from pipeline.results.assemble import ChunkResult
 from pipeline.spec import JobPlan, chunk_prefix, get_json, language_key, pack_key, put_json, work_prefix
 from pipeline.storage import Storage
 

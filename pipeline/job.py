@@ -26,7 +26,11 @@ from PIL import Image
 from pipeline.config import Settings, config_hash_of
 from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError
-from pipeline.finalize import (
+from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
+from pipeline.media import extract, pack, plan, speech
+from pipeline.media.plan import Chunk
+from pipeline.media.probe import check_limits, probe_media
+from pipeline.results.finalize import (
     CONTENT_TYPES,
     RANDOM_NOTICE,
     RESULT_FILES,
@@ -34,10 +38,6 @@ from pipeline.finalize import (
     finished_manifest,
     write_failure,
 )
-from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
-from pipeline.media import extract, pack, plan, speech
-from pipeline.media.plan import Chunk
-from pipeline.media.probe import check_limits, probe_media
 from pipeline.sources import SourceRef, fetch_source
 from pipeline.spec import (
     JobPlan,

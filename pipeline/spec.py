@@ -9,11 +9,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline import assemble
 from pipeline.config import CONFIG_KEYS, OUTPUT_SETTINGS, Settings, config_hash_of
 from pipeline.errors import ConfigError, MalformedMessage
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import MediaInfo
+from pipeline.results import assemble
 from pipeline.sources import SourceRef, job_id_for, local_path, resolve_source
 from pipeline.storage import Storage
 

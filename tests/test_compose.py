@@ -604,7 +604,13 @@ def test_dockerfile_pins_the_makefiles_torch_pair_and_its_bases(name: str) -> No
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build() -> None:
     for path in (".env", "deploy/.env.example", ".git/config", ".venv/bin/python", "omniq-data/x", "tests/x.py"):
         assert not dockerignore_includes(path), f"{path} would be sent to the Docker build"
-    for path in ("pyproject.toml", "README.md", "pipeline/config.py", "workers/cli.py", "deploy/healthcheck.py"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "pipeline/config.py",
+        "workers/cli/__init__.py",
+        "deploy/healthcheck.py",
+    ):
         assert dockerignore_includes(path), f"{path} is needed by the build"
     assert not dockerignore_includes("pipeline/__pycache__/config.cpython-311.pyc")
     assert not dockerignore_includes("__pycache__/x.pyc")
@@ -637,7 +643,7 @@ def test_the_build_context_builds_the_omniq_package(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "workers/cli.py" in names and "pipeline/config.py" in names
+    assert "workers/cli/__init__.py" in names and "pipeline/config.py" in names
     assert "omniq = workers.cli:main" in entry_points
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline import job
 from pipeline.config import Settings
 from pipeline.errors import OmniqError, SourceNotFound
-from pipeline.finalize import job_manifest, now_iso
+from pipeline.results.finalize import job_manifest, now_iso
 from pipeline.spec import JobSpec, get_json, put_json
 from pipeline.storage import Storage
 from workers.recovery import FINALIZE, INGEST, SUMMARIZE

@@ -26,7 +26,7 @@ from pipeline import job
 from pipeline.config import Settings
 from pipeline.engines.base import Engine
 from pipeline.errors import MalformedMessage, OmniqError, SourceNotFound, TransientError
-from pipeline.finalize import error_text, job_manifest
+from pipeline.results.finalize import error_text, job_manifest
 from pipeline.storage import Storage, open_storage
 from workers import metrics
 from workers.app import GPU_QUEUE, GPU_TASKS, MEDIA_QUEUE, app, gpu_queue_for

@@ -5,7 +5,7 @@ import json
 import srt
 import webvtt
 
-from pipeline.assemble import (
+from pipeline.results.assemble import (
     ChunkResult,
     captions_doc,
     clean_text,
@@ -16,7 +16,7 @@ from pipeline.assemble import (
     transcript_doc,
     transcript_segments,
 )
-from pipeline.cues import Cue, build_cues
+from pipeline.results.cues import Cue, build_cues
 
 
 def _chunks():

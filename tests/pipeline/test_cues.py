@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.cues import (
+from pipeline.results.cues import (
     GAP_SECONDS,
     LINGER_SECONDS,
     MAX_CPS,

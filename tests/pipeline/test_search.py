@@ -301,7 +301,7 @@ def test_a_newer_schema_is_refused(tmp_path):
 
 
 def test_without_fts5_the_error_says_so(tmp_path, monkeypatch):
-    from pipeline import search_sqlite
+    from pipeline.search import sqlite as search_sqlite
 
     monkeypatch.setattr(search_sqlite, "has_fts5", lambda: False)
     with pytest.raises(ConfigError, match="no FTS5"):

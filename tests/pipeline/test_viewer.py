@@ -15,9 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Settings
-from pipeline.spec import put_json
-from pipeline.storage import LocalStorage
-from pipeline.viewer import (
+from pipeline.results.viewer import (
     SCRIPT,
     SCRIPT_HASH,
     STYLE,
@@ -28,6 +26,8 @@ from pipeline.viewer import (
     thumbnail_jpeg,
     write_viewer,
 )
+from pipeline.spec import put_json
+from pipeline.storage import LocalStorage
 
 EVIL = "<script>alert(1)</script>"
 

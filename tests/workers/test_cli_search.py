@@ -12,11 +12,11 @@ from pipeline.errors import SourceNotFound
 from pipeline.search import HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN, SearchHit
 from pipeline.storage import LocalStorage
 from tests.pipeline.test_search import write_results
-from workers.cli_search import add_commands, clock, excerpt, hit_line
+from workers.cli.search import add_commands, clock, excerpt, hit_line
 
 
 def omniq(*argv: str) -> int:
-    """Parse and run like ``omniq``, with only the search commands (whatever workers/cli.py wires)."""
+    """Parse and run like ``omniq``, with only the search commands (whatever workers/cli/__init__.py wires)."""
     parser = argparse.ArgumentParser(prog="omniq")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

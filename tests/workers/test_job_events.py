@@ -104,7 +104,7 @@ def test_omniq_events_prints_and_follows(broker):
 
 
 def test_status_shows_paths_as_people_write_them():
-    from workers.cli_jobs import _status_line
+    from workers.cli.jobs import _status_line
 
     row = {"job_id": "j", "status": "done", "chunks_done": 1, "chunks_total": 1, "error": None, "age_s": None}
     assert _status_line(row | {"source": "file:///m/talk%20%C3%A4.mp4"}).endswith("  /m/talk ä.mp4")

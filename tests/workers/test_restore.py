@@ -9,9 +9,9 @@ import json
 import pytest
 
 from pipeline import job
-from pipeline.assemble import ChunkResult
 from pipeline.config import Settings
 from pipeline.media.sample import make_sample
+from pipeline.results.assemble import ChunkResult
 from pipeline.spec import chunk_prefix, put_json, work_prefix
 from pipeline.storage import LocalStorage
 from workers import tasks

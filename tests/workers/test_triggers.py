@@ -25,10 +25,10 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError, TransientError
 from pipeline.storage import split_s3_uri
 from tests.servers import find_free_port
-from workers.cli_triggers import add_commands, cmd_listen, cmd_webhook
-from workers.events import KeyFilter, MalformedEvent, ObjectEvent, handle_events, parse_message
+from workers.cli.triggers import add_commands, cmd_listen, cmd_webhook
 from workers.triggers import lambda_handler, make_webhook_server, parse_queue
-from workers.webhook import MAX_BODY_BYTES
+from workers.triggers.events import KeyFilter, MalformedEvent, ObjectEvent, handle_events, parse_message
+from workers.triggers.webhook import MAX_BODY_BYTES
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -283,7 +283,7 @@ def test_test_event_and_subscription_confirmation_are_ignored(caplog):
     assert parse_message(TEST_EVENT) == []
     assert parse_message(sns_envelope(TEST_EVENT)) == []
     confirmation = {**sns_envelope({}), "Type": "SubscriptionConfirmation", "Token": "secret-ish"}
-    with caplog.at_level(logging.WARNING, logger="workers.events"):
+    with caplog.at_level(logging.WARNING, logger="workers.triggers.events"):
         assert parse_message(confirmation) == []
     assert "SubscriptionConfirmation" in caplog.text and "secret-ish" not in caplog.text
 
@@ -668,14 +668,14 @@ def test_webhook_refuses_to_start_without_a_token():
 
 
 def test_webhook_command_serves_until_sigterm(tmp_path):
-    """`omniq webhook` as a process (wired the way workers/cli.py wires it): no token → an error naming
+    """`omniq webhook` as a process (wired the way workers/cli/__init__.py wires it): no token → an error naming
     OMNIQ_WEBHOOK_TOKEN; with one → healthy, and SIGTERM stops it with exit status 0."""
     port = find_free_port()
     script = (
         "import argparse, logging, sys\n"
         "from pipeline.errors import OmniqError\n"
         "logging.basicConfig(level=logging.WARNING)  # as omniq's main() does\n"
-        "from workers.cli_triggers import add_commands\n"
+        "from workers.cli.triggers import add_commands\n"
         "parser = argparse.ArgumentParser(); add_commands(parser.add_subparsers())\n"
         "args = parser.parse_args(sys.argv[1:])\n"
         "try:\n    sys.exit(args.func(args))\n"

@@ -19,9 +19,9 @@ from pipeline.config import Settings
 from tests.conftest import use_broker
 from tests.moto_server import MotoServer
 from tests.workers.test_triggers import FakeProducer
-from workers.events import parse_message
 from workers.state import JobState
 from workers.triggers import ListenStats, default_enqueue_fn, listen_sqs
+from workers.triggers.events import parse_message
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,10 @@ from pipeline.sources import SourceRef, fetch_source, job_id_for
 from pipeline.spec import JobSpec, check_input, make_spec, settings_for, staged_input_key
 from pipeline.storage import LocalStorage, s3_client, split_s3_uri
 from tests.workers.test_triggers import FakeProducer, s3_event, settings
-from workers.events import KeyFilter, MalformedEvent, handle_messages, parse_message
 from workers.messages import check_message
 from workers.producer import enqueue
 from workers.state import JobState
+from workers.triggers.events import KeyFilter, MalformedEvent, handle_messages, parse_message
 
 
 def event_in(bucket: str, key: str) -> dict:
@@ -73,7 +73,7 @@ def test_valid_bucket_names_are_read(bucket):
 
 def test_filters_read_the_uri_that_is_enqueued():
     """A hand-built event whose bucket holds a '/' (never from parse_message) is still not enqueued."""
-    from workers.events import ObjectEvent
+    from workers.triggers.events import ObjectEvent
 
     key_filter = KeyFilter.from_settings(settings(trigger_include_prefixes="uploads/"))
     crafted = ObjectEvent("private/hr", "uploads/x.mp4", "ObjectCreated:Put", 10)  # s3://private/hr/uploads/x.mp4

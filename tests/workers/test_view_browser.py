@@ -22,12 +22,12 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.media.extract import ffmpeg_binary, run_ffmpeg
 from pipeline.media.sample import make_sample
+from pipeline.results.viewer import write_viewer
 from pipeline.sources import resolve_source
 from pipeline.spec import put_json
 from pipeline.storage import LocalStorage
-from pipeline.viewer import write_viewer
 from tests.browser import chromium_page
-from workers.cli_view import byte_range, check_loopback, write_launch_page
+from workers.cli.view import byte_range, check_loopback, write_launch_page
 
 # Chromium is installed by .ci/run (Debian's package): a missing browser fails these tests, never skips them.
 

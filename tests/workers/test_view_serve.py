@@ -23,7 +23,7 @@ from pipeline.sources import resolve_source
 from pipeline.spec import put_json
 from pipeline.storage import LocalStorage
 from tests.workers.test_view_browser import serving
-from workers.cli_view import file_fingerprint, make_server, open_processed_source, requested_resource
+from workers.cli.view import file_fingerprint, make_server, open_processed_source, requested_resource
 
 SECRET = b"root:x:0:0:this is not the media\n"
 MEDIA = bytes(range(256)) * 2048  # 512 KiB: more than one copy block

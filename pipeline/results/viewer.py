@@ -26,10 +26,10 @@ from urllib.parse import unquote, urlsplit
 
 from pipeline.config import Settings
 from pipeline.errors import PermanentError, SourceNotFound
+from pipeline.results.viewer_assets import SCRIPT, STYLE
 from pipeline.sources import display_source, local_path
 from pipeline.spec import get_json, results_prefix
 from pipeline.storage import Storage
-from pipeline.viewer_assets import SCRIPT, STYLE
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError, PermanentError, TransientError
-from pipeline.search_model import (
+from pipeline.search.model import (
     CAPTION_JOINER,
     HIGHLIGHT_CLOSE,
     HIGHLIGHT_OPEN,
@@ -35,10 +35,10 @@ from pipeline.search_model import (
     mark_spans,
     split_marked,
 )
-from pipeline.search_sqlite import SQLiteIndex, has_fts5, sqlite_path
+from pipeline.search.sqlite import SQLiteIndex, has_fts5, sqlite_path
 from pipeline.storage import Storage
 
-# The search API in one import; the types live in search_model, the SQLite backend in search_sqlite.
+# The search API in one import; the types live in pipeline.search.model, the SQLite backend in .sqlite.
 __all__ = [
     "CAPTION_JOINER",
     "HIGHLIGHT_CLOSE",

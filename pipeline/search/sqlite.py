@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pipeline.errors import ConfigError, OmniqError, SourceNotFound, TransientError
-from pipeline.search_model import (
+from pipeline.search.model import (
     BUSY_TIMEOUT_MS,
     HIGHLIGHT_CLOSE,
     HIGHLIGHT_OPEN,

@@ -46,7 +46,7 @@ class Doomed:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from workers.cli_view import find_media_id
+    from workers.cli.view import find_media_id
 
     if not args.targets and not args.tag:
         raise ConfigError("name what to delete: media ids, files or s3:// URIs, or --tag TAG")

@@ -1,5 +1,5 @@
 """Chunk results → the public result files: transcript JSON (one segment per utterance) and its subtitle cues as
-SRT/VTT/TXT (``pipeline.cues``), captions, summary.
+SRT/VTT/TXT (``pipeline.results.cues``), captions, summary.
 
 Pure functions of their inputs; the job module writes what they return.
 """
@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.cues import Cue, TimedText
+from pipeline.results.cues import Cue, TimedText
 
 
 @dataclass

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
-from workers.events import (
+from workers.triggers.events import (
     EnqueueFn,
     KeyFilter,
     MalformedEvent,

@@ -359,15 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(enqueue)
     enqueue.set_defaults(func=cmd_enqueue)
 
-    from workers.cli_delete import add_commands as add_delete_commands
-    from workers.cli_jobs import add_commands as add_job_commands
+    from workers.cli.delete import add_commands as add_delete_commands
+    from workers.cli.jobs import add_commands as add_job_commands
 
     add_job_commands(commands)
     add_delete_commands(commands)
 
-    from workers.cli_search import add_commands as add_search_commands
-    from workers.cli_triggers import add_commands as add_trigger_commands
-    from workers.cli_view import add_commands as add_view_commands
+    from workers.cli.search import add_commands as add_search_commands
+    from workers.cli.triggers import add_commands as add_trigger_commands
+    from workers.cli.view import add_commands as add_view_commands
 
     add_search_commands(commands)
     add_trigger_commands(commands)
@@ -450,7 +450,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # pydantic validation of settings
         print(f"omniq: invalid setting: {error}", file=sys.stderr)
         return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Enqueue media as it lands in a bucket: an SQS listener, an HTTP webhook (MinIO) and an AWS Lambda handler.
 
-Each is a thin adapter: it receives event messages, lets ``workers.events`` parse, filter and dedupe them,
+Each is a thin adapter: it receives event messages, lets ``workers.triggers.events`` parse, filter and dedupe them,
 and acknowledges only what is done. An SQS message is deleted after its objects are enqueued (or
 deliberately ignored), so a crash or a Redis outage means redelivery, never a lost upload.
 """
@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, TransientError
-from workers.events import (
+from workers.triggers.events import (
     EnqueueFn,
     EventOutcome,
     KeyFilter,
@@ -29,7 +29,7 @@ from workers.events import (
     log_outcomes,
     parse_message,
 )
-from workers.webhook import make_webhook_server, serve_webhook, webhook_token
+from workers.triggers.webhook import make_webhook_server, serve_webhook, webhook_token
 
 __all__ = [
     "ListenStats",

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, assemble, cues, prompts, viewer
-from pipeline.assemble import ChunkResult
+from pipeline import __version__, prompts
 from pipeline.config import Settings, config_hash_of
 from pipeline.errors import SourceNotFound
 from pipeline.media import pack
+from pipeline.results import assemble, cues, viewer
+from pipeline.results.assemble import ChunkResult
 from pipeline.spec import (
     JobPlan,
     JobSpec,

@@ -2,7 +2,7 @@
 
 The page is rendered again from the stored results with a fresh media URL (the local file, or a presigned
 S3 URL), so it plays even when the stored ``index.html`` cannot. ``add_commands`` adds the command to the
-``omniq`` parser; the page itself comes from ``pipeline.viewer``.
+``omniq`` parser; the page itself comes from ``pipeline.results.viewer``.
 
 ``--serve`` listens on a loopback address only, and only under a random path (``/<token>/``) that it prints
 and opens, since other users of this machine can reach a loopback port too. It streams the local source
@@ -33,10 +33,10 @@ from urllib.parse import urlsplit
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError, SourceNotFound
+from pipeline.results.viewer import PAGE_NAME, ViewerInputs, load_viewer_inputs, media_url_for, render_viewer
 from pipeline.sources import SourceRef, local_path, resolve_source
 from pipeline.spec import get_json, results_prefix
 from pipeline.storage import LocalStorage, Storage, open_storage
-from pipeline.viewer import PAGE_NAME, ViewerInputs, load_viewer_inputs, media_url_for, render_viewer
 
 MEDIA_ID = re.compile(r"[0-9a-f]{20}")
 MEDIA_NAME = "media"  # ``--serve`` streams a local source file at /<token>/media

@@ -81,7 +81,7 @@ def _stop_on_signals() -> threading.Event:
 
 def _show_trigger_logs() -> None:
     """Each enqueued object is worth a line even without ``-v``."""
-    for name in ("workers.triggers", "workers.webhook", "workers.events"):
+    for name in ("workers.triggers", "workers.triggers.webhook", "workers.triggers.events"):
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
