@@ -311,11 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process files in this process (no Redis needed)")
-    run.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI", help="files, directories, globs, s3:// URIs")
-    run.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
-    run.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
-    run.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
-    run.add_argument("--force", action="store_true", help="run again even if already done with these settings")
+    _source_options(run)
     run.add_argument(
         "--out", default="./omniq-data", help="results directory or s3://bucket/prefix (default ./omniq-data)"
     )
@@ -348,11 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads OMNIQ_BROKER_URL (Redis) and OMNIQ_STORAGE_URL (and OMNIQ_S3_ENDPOINT_URL, AWS_* for "
         "S3); the workers must use the same. Files already done with the same content and settings are skipped.",
     )
-    enqueue.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI")
-    enqueue.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
-    enqueue.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
-    enqueue.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
-    enqueue.add_argument("--force", action="store_true", help="run again even if already done with this config")
+    _source_options(enqueue)
     enqueue.add_argument("--tag", help="a label for this run, kept in manifests and the search index")
     enqueue.add_argument("--priority", type=int, default=5, choices=range(10), metavar="0-9", help="9 = most urgent")
     enqueue.add_argument("--json", action="store_true", help="print a JSON list of {source, job_id, status, reason}")
@@ -397,6 +389,15 @@ def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
             for command in action.choices.values():
                 command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more")
                 _verbose_everywhere(command)
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``enqueue`` both take: the same sources, the same filters, the same --force."""
+    parser.add_argument("sources", nargs="*", metavar="FILE_DIR_OR_URI", help="files, directories, globs, s3:// URIs")
+    parser.add_argument("--from-file", action="append", metavar="LIST", help="one URI per line, or JSONL with 'uri'")
+    parser.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
+    parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
+    parser.add_argument("--force", action="store_true", help="run again even if already done with these settings")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

@@ -115,6 +115,7 @@ def tagged_media(storage: Storage, tag: str) -> list[str]:
 
 
 def _reachable_state(settings: Settings) -> Any:
+    from workers.cli import redacted
     from workers.state import JobState
 
     state = JobState.from_url(settings.broker_url, retry_seconds=0)
@@ -122,21 +123,12 @@ def _reachable_state(settings: Settings) -> Any:
         state.redis.ping()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         print(
-            f"omniq: note: no Redis at {_safe_url(settings.broker_url)} ({error}); not checking for running jobs, "
+            f"omniq: note: no Redis at {redacted(settings.broker_url)} ({error}); not checking for running jobs, "
             "and no job records to remove",
             file=sys.stderr,
         )
         return None
     return state
-
-
-def _safe_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
 
 
 def _refuse_running(state: Any, found: dict[str, Doomed]) -> int:
