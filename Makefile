@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test install install-dev browser lint clean gpu-wheels
+.PHONY: demo test install install-dev browser postgres lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-test: install-dev browser
+# The PostgreSQL search backend's tests start their own server from Debian's binaries
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+test: install-dev browser postgres
 	$(PY) -m pytest
 
 lint: install-dev

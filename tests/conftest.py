@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import RedisServer, S3Server
+from tests.servers import PostgresServer, RedisServer, S3Server
 
 # -- Redis ----------------------------------------------------------------------------------------------
 
@@ -42,6 +42,18 @@ def redis_url() -> Iterator[str]:
         yield external_url
         return
     with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of an empty-at-start PostgreSQL database for this session: ``OMNIQ_TEST_POSTGRES_URL`` if set, else
+    a throwaway server on a free loopback port."""
+    external_url = os.environ.get("OMNIQ_TEST_POSTGRES_URL")
+    if external_url:
+        yield external_url
+        return
+    with PostgresServer() as server:
         yield server.url
 
 

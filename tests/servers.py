@@ -218,6 +218,10 @@ class _ServerProcess:
     def _environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    def _popen_options(self) -> dict[str, Any]:
+        """More ``subprocess.Popen`` arguments (e.g. the user to run as)."""
+        return {}
+
     def _is_ready(self) -> bool:
         raise NotImplementedError
 
@@ -265,6 +269,7 @@ class _ServerProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so stop() reaches anything it spawns
+            **self._popen_options(),
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -539,3 +544,83 @@ class NotificationReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of Debian's PostgreSQL server binaries (``make test`` installs ``postgresql`` if missing)."""
+    found = shutil.which("pg_ctl") or shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if versions:
+        return versions[-1].parent
+    raise ServerStartError("PostgreSQL is not installed: run `make test` (it installs Debian's postgresql) or apt")
+
+
+class PostgresServer(_ServerProcess):
+    """A throwaway PostgreSQL on 127.0.0.1 (TCP only, password auth) with one database; ``url`` names it.
+
+    PostgreSQL refuses to run as root (CI runs as root): then the cluster is made and run as the ``postgres``
+    user that Debian's package creates, in a folder it owns."""
+
+    name = "postgres"
+    stop_grace_seconds = 10.0
+
+    def __init__(self, startup_timeout: float = 60.0) -> None:
+        self.bin = postgres_bin_dir()
+        super().__init__(str(self.bin / "postgres"), startup_timeout)
+        self.port = 0
+        self.password = secrets.token_urlsafe(18)
+        self.data: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://omniq:{self.password}@{LOOPBACK}:{self.port}/omniq"
+
+    def _as_owner(self) -> dict[str, Any]:
+        if os.geteuid() != 0:
+            return {}
+        import pwd
+
+        owner = pwd.getpwnam("postgres")
+        return {"user": owner.pw_uid, "group": owner.pw_gid}
+
+    def _use_ports(self, ports: list[int]) -> None:
+        (self.port,) = ports
+
+    def _command(self, directory: Path) -> list[str]:
+        if self.data is None:  # once: initdb, then the server is started (and resumed) on this cluster
+            owner = self._as_owner()
+            directory.chmod(0o755)
+            self.data = directory / "data"
+            self.data.mkdir()
+            password_file = directory / "pw"
+            password_file.write_text(self.password)
+            if owner:
+                for path in (self.data, password_file):
+                    os.chown(path, owner["user"], owner["group"])
+            subprocess.run(
+                [str(self.bin / "initdb"), "-D", str(self.data), "-U", "omniq", "--auth=scram-sha-256",
+                 f"--pwfile={password_file}", "-E", "UTF8", "--locale=C.UTF-8"],
+                check=True, capture_output=True, timeout=120, **owner,
+            )  # fmt: skip
+            password_file.unlink()
+        return [self.binary, "-D", str(self.data), "-h", LOOPBACK, "-p", str(self.port), "-k", "",
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]  # fmt: skip
+
+    def _popen_options(self) -> dict[str, Any]:
+        return self._as_owner()  # the server runs as its cluster's owner
+
+    def _is_ready(self) -> bool:
+        import psycopg
+
+        try:
+            maintenance = f"postgresql://omniq:{self.password}@{LOOPBACK}:{self.port}/postgres"
+            with psycopg.connect(maintenance, connect_timeout=2, autocommit=True) as connection:
+                exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = 'omniq'").fetchone()
+                if not exists:
+                    connection.execute("CREATE DATABASE omniq")
+        except psycopg.Error as error:
+            self._not_ready_reason = f"connecting on port {self.port} failed: {error}"
+            return False
+        return True

@@ -80,12 +80,13 @@ def entries_from_results(
     if manifest.get("status") != "done":
         return []
     media_id, source, tag = str(manifest["media_id"]), str(manifest.get("source") or ""), manifest.get("tag")
+    language = manifest.get("language") or transcript.get("language")
     entries: list[IndexEntry] = []
 
     def add(kind: str, start: float, end: float, text: str) -> None:
         text = clean_text(text or "")
         if text:
-            entries.append(IndexEntry(media_id, source, tag, kind, start, end, text))
+            entries.append(IndexEntry(media_id, source, tag, kind, start, end, text, language))
 
     for segment in transcript.get("segments", []):
         add("transcript", *_span(segment), segment.get("text", ""))
@@ -191,8 +192,11 @@ def open_index(url: str | None, settings: Settings, *, create: bool = True) -> S
     scheme = urlparse(url).scheme
     if scheme == "sqlite" or scheme == "" or len(scheme) == 1:
         return SQLiteIndex(sqlite_path(url), create=create)
+    if scheme in ("postgresql", "postgres"):
+        from pipeline.search.postgres import PostgresIndex
+
+        return PostgresIndex(url, create=create)
     raise ConfigError(
-        f"index URL {url!r}: unsupported scheme {scheme!r}; omniq has sqlite:///path.sqlite (the default). "
-        "A shared search server can be plugged in by implementing pipeline.search.SearchIndex "
-        "and adding its scheme to open_index"
+        f"index URL {urlparse(url).scheme}://...: unsupported scheme {scheme!r}; use sqlite:///path.sqlite (the "
+        "default, one machine) or postgresql://user:password@host/db (a fleet)"
     )

@@ -34,6 +34,7 @@ class IndexEntry:
     start: float
     end: float
     text: str
+    language: str | None = None  # ISO 639-1 of the transcript: how PostgreSQL stems it (SQLite does not)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,15 @@ class SearchIndex(Protocol):
     def add_media(self, media_id: str, entries: Iterable[IndexEntry]) -> int: ...
     def remove_media(self, media_id: str) -> int: ...
     def media_ids(self) -> set[str]: ...
-    def search(self, query: str, limit: int = 10, *, tag: str | None = None) -> list[SearchHit]: ...
+    def search(
+        self,
+        query: str,
+        limit: int = 10,
+        *,
+        tag: str | None = None,
+        kind: str | None = None,
+        source_prefix: str | None = None,
+    ) -> list[SearchHit]: ...
     def count(self) -> int: ...
     def close(self) -> None: ...
 

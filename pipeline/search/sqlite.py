@@ -53,9 +53,15 @@ _SEARCH = """
 SELECT e.media_id, e.source, e.tag, e.kind, e.start, e."end", highlight(entries_fts, 0, char(2), char(3)),
        bm25(entries_fts) AS rank_value
 FROM entries_fts JOIN entries AS e ON e.id = entries_fts.rowid
-WHERE entries_fts MATCH ? AND (? IS NULL OR e.tag = ?)
+WHERE entries_fts MATCH ? AND (? IS NULL OR e.tag = ?) AND (? IS NULL OR e.kind = ?)
+  AND (? IS NULL OR e.source LIKE ? ESCAPE '\\')
 ORDER BY rank_value, e.media_id, e.start, e.kind LIMIT ?
 """
+
+
+def _like_prefix(prefix: str) -> str:
+    """``prefix`` for a LIKE pattern with ``ESCAPE '\\'``: its own %, _ and \\ match themselves."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @functools.cache
@@ -160,18 +166,28 @@ class SQLiteIndex:
         """Every media id with entries in the index."""
         return {row[0] for row in self._query("SELECT DISTINCT media_id FROM entries", ())}
 
-    def search(self, query: str, limit: int = 10, *, tag: str | None = None) -> list[SearchHit]:
-        """The best ``limit`` entries holding every word of ``query`` (and ``tag``, if given), best first (bm25)."""
+    def search(
+        self,
+        query: str,
+        limit: int = 10,
+        *,
+        tag: str | None = None,
+        kind: str | None = None,
+        source_prefix: str | None = None,
+    ) -> list[SearchHit]:
+        """The best ``limit`` entries holding every word of ``query`` (and ``tag``, ``kind``, a source starting
+        with ``source_prefix``, if given), best first (bm25)."""
         if limit < 1:
             raise ValueError(f"search limit {limit} must be at least 1")
+        prefix = None if source_prefix is None else _like_prefix(source_prefix) + "%"
         hits = []
-        for media_id, source, entry_tag, kind, start, end, marked, rank in self._query(
-            _SEARCH, (fts_query(query), tag, tag, limit)
+        for media_id, source, entry_tag, entry_kind, start, end, marked, rank in self._query(
+            _SEARCH, (fts_query(query), tag, tag, kind, kind, prefix, prefix, limit)
         ):
             text, spans = split_marked(marked)
             highlighted = mark_spans(text, spans, HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE)
             score = -rank + 0.0  # bm25 is lower-is-better; + 0.0 turns -0.0 into 0.0
-            hits.append(SearchHit(media_id, source, kind, text, start, end, score, highlighted, entry_tag, spans))
+            hits.append(SearchHit(media_id, source, entry_kind, text, start, end, score, highlighted, entry_tag, spans))
         return hits
 
     def count(self) -> int:

@@ -188,3 +188,16 @@ def test_out_names_the_store_whose_index_to_use(store, tmp_path, capsys, monkeyp
     assert omniq("search", "rocket", "--json", "--out", str(tmp_path / "data")) == 0
     assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"talk"}
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_kind_and_source_filters(store, tmp_path, capsys):
+    tape = tmp_path / "tapes" / "a b.mp4"
+    write_results(store, "tape", source=tape.as_uri(), segments=[(0.0, 2.0, "a rocket on tape")])
+    assert omniq("index", "rebuild") == 0
+    capsys.readouterr()
+    assert omniq("search", "rocket", "--kind", "caption", "--json") == 0
+    assert {hit["kind"] for hit in json.loads(capsys.readouterr().out)} == {"caption"}
+    assert omniq("search", "rocket", "--source", "s3://bucket/", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []  # every rocket here is a local file
+    assert omniq("search", "rocket", "--source", str(tmp_path / "tapes"), "--json") == 0  # a folder, as typed
+    assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"tape"}

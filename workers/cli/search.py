@@ -28,6 +28,10 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     search.add_argument("query", nargs="+", metavar="QUERY", help="words to find (quoting them is optional)")
     search.add_argument("--limit", type=_positive_int, default=10, metavar="N", help="at most N hits (default 10)")
     search.add_argument("--tag", help="only results of jobs enqueued with this --tag")
+    search.add_argument("--kind", choices=("transcript", "caption", "summary"), help="only this kind of text")
+    search.add_argument(
+        "--source", metavar="PREFIX", help="only media whose source starts with this (a folder, s3://b/p/)"
+    )
     search.add_argument(
         "--json", action="store_true", help="print a JSON list of {media_id, source, kind, text, start, end, score}"
     )
@@ -65,6 +69,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _source_prefix(given: str | None) -> str | None:
+    """A local folder as the file:// URI prefix manifests use; S3 prefixes and URIs as they are."""
+    if not given or "://" in given:
+        return given
+    from pathlib import Path
+
+    return Path(given).expanduser().resolve().as_uri()
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,7 +93,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     query = " ".join(args.query)
     index = open_index(args.index, settings, create=False)
     try:
-        hits = index.search(query, args.limit, tag=args.tag)
+        hits = index.search(query, args.limit, tag=args.tag, kind=args.kind, source_prefix=_source_prefix(args.source))
     except ValueError as error:  # an empty query; the caller's ValueError handler means bad settings
         print(f"omniq: {error}", file=sys.stderr)
         return 2
