@@ -26,17 +26,38 @@ from pipeline.search import SQLiteIndex, rebuild_index
 from pipeline.search.postgres import PostgresIndex
 from pipeline.storage import LocalStorage
 
-WORDS = (
+# A vocabulary like speech's: a few hundred very common words and a long tail (Zipf, s = 1.1), 20 000 words.
+COMMON = (
     "rocket launch engine fuel orbit crew mission countdown weather storm river bridge city market music "
     "guitar drums crowd stadium goal referee coach season election vote debate budget school teacher student "
     "garden flower harvest kitchen recipe bread coffee train station airport flight ocean island beach wave "
     "forest mountain snow winter summer camera studio interview history museum painting festival parade"
 ).split()
+SYLLABLES = "ka lo mi ner sa tu vo ri den fal gor hem jun pat quin sel tor ul wen yar zi bri cho dra".split()
 GERMAN = "Rakete Start Motor Wetter Brücke Stadt Markt Musik Schule Garten Küche Brot Kaffee Bahnhof Meer".split()
 
 
-def sentence(rng: random.Random, words: list[str]) -> str:
-    return " ".join(rng.choice(words) for _ in range(rng.randint(6, 14)))
+def vocabulary(size: int = 20_000, seed: int = 3) -> tuple[list[str], list[float]]:
+    rng = random.Random(seed)
+    words = list(COMMON)
+    seen = set(words)
+    while len(words) < size:
+        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4)))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    weights = [1.0 / (rank + 1) ** 1.1 for rank in range(size)]
+    return words, weights
+
+
+WORDS, WEIGHTS = vocabulary()
+
+
+def sentence(rng: random.Random, extra: list[str] | None = None) -> str:
+    words = rng.choices(WORDS, WEIGHTS, k=rng.randint(6, 14))
+    if extra:
+        words += rng.sample(extra, 2)
+    return " ".join(words)
 
 
 def write_library(storage: LocalStorage, media: int, seed: int = 7) -> None:
@@ -44,7 +65,7 @@ def write_library(storage: LocalStorage, media: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     for index in range(media):
         media_id = f"{index:020x}"
-        language, words = ("de", GERMAN + WORDS) if index % 10 == 0 else ("en", WORDS)
+        language, words = ("de", GERMAN) if index % 10 == 0 else ("en", None)
         prefix = f"results/{media_id}"
         segments = [{"start": 5.0 * i, "end": 5.0 * i + 4.0, "text": sentence(rng, words)} for i in range(40)]
         chunks = [{"index": i, "start": 25.0 * i, "end": 25.0 * (i + 1)} for i in range(8)]
@@ -66,13 +87,11 @@ def write_library(storage: LocalStorage, media: int, seed: int = 7) -> None:
 
 
 def queries(count: int, seed: int = 11) -> list[str]:
+    """One to three words as people search: content words (ranks 100 to 5 000), not the most frequent ones
+    (in speech those are function words, which the language configurations drop as stop words)."""
     rng = random.Random(seed)
-    shapes = [
-        lambda: rng.choice(WORDS),
-        lambda: f"{rng.choice(WORDS)} {rng.choice(WORDS)}",
-        lambda: f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)}",
-    ]
-    return [rng.choice(shapes)() for _ in range(count)]
+    pool = WORDS[100:5000]
+    return [" ".join(rng.sample(pool, rng.randint(1, 3))) for _ in range(count)]
 
 
 def latencies(index: object, texts: list[str]) -> list[float]:

@@ -46,7 +46,6 @@ CONFIGS = {
     "es": "spanish", "sv": "swedish", "ta": "tamil", "tr": "turkish", "yi": "yiddish",
 }  # fmt: skip
 SIMPLE = "simple"
-ALL_CONFIGS = sorted({*CONFIGS.values(), SIMPLE})
 _LOCK_SCHEMA = 7_242_001  # pg_advisory_xact_lock key of schema migrations
 _MARK_OPEN, _MARK_CLOSE = "\x02", "\x03"  # indexed text holds no control characters (clean_text)
 
@@ -65,27 +64,42 @@ MIGRATIONS = (
         config regconfig NOT NULL,
         tsv tsvector NOT NULL
     );
-    CREATE INDEX omniq_entries_tsv ON omniq_entries USING gin (tsv);
+    CREATE INDEX omniq_entries_tsv ON omniq_entries USING gin (tsv) WITH (fastupdate = off);  -- no pending list to scan
     CREATE INDEX omniq_entries_media ON omniq_entries (media_id);
     CREATE INDEX omniq_entries_tag ON omniq_entries (tag);
     CREATE INDEX omniq_entries_source ON omniq_entries (source text_pattern_ops);
     """,
+    # the configurations in use, so that a query is parsed (and the GIN index scanned) once per language
+    # present instead of once per language PostgreSQL knows
+    """
+    CREATE TABLE omniq_configs (config regconfig PRIMARY KEY);
+    INSERT INTO omniq_configs SELECT DISTINCT config FROM omniq_entries;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_SEARCH = """
-WITH q AS (SELECT cfg, websearch_to_tsquery(cfg, %(query)s) AS query FROM unnest(%(configs)s::regconfig[]) AS cfg)
-SELECT e.media_id, e.source, e.tag, e.kind, e.start_s, e.end_s,
-       ts_headline(e.config, e.text, q.query, %(options)s) AS marked,
+# One branch per configuration in use: with the configuration and the query as constants, each branch is a
+# GIN index scan (a join against the configurations would test every row); the headline is made for the
+# hits that are returned only.
+_BRANCH = """
+SELECT e.media_id, e.source, e.tag, e.kind, e.start_s, e.end_s, e.text, e.config, q.query,
        ts_rank_cd(e.tsv, q.query) AS score
-FROM omniq_entries AS e JOIN q ON e.config = q.cfg
-WHERE e.tsv @@ q.query
+FROM omniq_entries AS e, websearch_to_tsquery(%(cfg{n})s::regconfig, %(query)s) AS q (query)
+WHERE e.config = %(cfg{n})s::regconfig AND e.tsv @@ q.query
   AND (%(tag)s::text IS NULL OR e.tag = %(tag)s)
   AND (%(kind)s::text IS NULL OR e.kind = %(kind)s)
   AND (%(prefix)s::text IS NULL OR e.source LIKE %(prefix)s || '%%')
-ORDER BY score DESC, e.media_id, e.start_s, e.kind
-LIMIT %(limit)s
 """
+_ORDER = "ORDER BY score DESC, media_id, start_s, kind"
+
+
+def _search_sql(branches: int) -> str:
+    union = " UNION ALL ".join(f"({_BRANCH.format(n=n)})" for n in range(branches))
+    columns = "media_id, source, tag, kind, start_s, end_s, ts_headline(config, text, query, %(options)s), score"
+    # only constant text and branch numbers go into it: every value is a bound parameter
+    return f"SELECT {columns} FROM ({union} {_ORDER} LIMIT %(limit)s) AS best {_ORDER}"  # noqa: S608
+
+
 _HEADLINE = f'StartSel="{_MARK_OPEN}", StopSel="{_MARK_CLOSE}", HighlightAll=true'
 
 
@@ -172,6 +186,12 @@ class PostgresIndex:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (media_id,))  # one writer per media
             conn.execute("DELETE FROM omniq_entries WHERE media_id = %s", (media_id,))
+            configs = sorted({row[7] for row in rows})
+            if configs:
+                conn.execute(
+                    "INSERT INTO omniq_configs (config) SELECT unnest(%s::regconfig[]) ON CONFLICT DO NOTHING",
+                    (configs,),
+                )
             with conn.cursor() as cursor:
                 cursor.executemany(
                     "INSERT INTO omniq_entries (media_id, source, tag, kind, start_s, end_s, text, config, tsv) "
@@ -204,9 +224,13 @@ class PostgresIndex:
         words = clean_text(query)
         if not words:
             raise ValueError(f"search query {query!r} is empty: give one or more words")
+        conn = self._connection()
+        configs = [row[0] for row in conn.execute("SELECT config::text FROM omniq_configs ORDER BY 1")]
+        if not configs:
+            return []
         parameters = {
+            **{f"cfg{n}": config for n, config in enumerate(configs)},
             "query": words,
-            "configs": ALL_CONFIGS,
             "options": _HEADLINE,
             "tag": tag,
             "kind": kind,
@@ -214,8 +238,8 @@ class PostgresIndex:
             "limit": limit,
         }
         hits = []
-        for media_id, source, hit_tag, hit_kind, start, end, marked, score in self._connection().execute(
-            _SEARCH, parameters
+        for media_id, source, hit_tag, hit_kind, start, end, marked, score in conn.execute(
+            _search_sql(len(configs)), parameters
         ):
             text, spans = split_marked(marked)
             hits.append(
