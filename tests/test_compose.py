@@ -396,7 +396,10 @@ def test_omniq_settings_are_real_and_valid(monkeypatch: pytest.MonkeyPatch) -> N
         assert settings.broker_url.startswith("redis://:"), f"{name}: Redis needs its password"
         assert urlsplit(settings.broker_url).hostname == "redis"
         open_storage(settings.storage_url, settings)
-        if settings.index_url:
+        if settings.index_url and settings.index_url.startswith("postgresql://"):
+            parts = urlsplit(settings.index_url)
+            assert parts.hostname == "postgres" and parts.password, f"{name}: the index needs the postgres service"
+        elif settings.index_url:
             sqlite_path(settings.index_url)
         assert environment.get("AWS_ACCESS_KEY_ID") and environment.get("AWS_SECRET_ACCESS_KEY")
 
