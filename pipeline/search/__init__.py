@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -112,19 +114,26 @@ def _read_json(storage: Storage, key: str) -> dict[str, Any]:
     return document
 
 
-def _index_done_media(storage: Storage, media_id: str, index: SearchIndex) -> int | None:
-    """Index one job if its manifest is done (returns its entry count); else remove it and return None."""
+def _done_entries(storage: Storage, media_id: str) -> list[IndexEntry] | None:
+    """A job's index entries read from the store, or None when its manifest is not done."""
     prefix = f"results/{media_id}"
     manifest = _read_json(storage, f"{prefix}/manifest.json")
     if manifest.get("status") != "done":
-        index.remove_media(media_id)
         return None
     manifest = {**manifest, "media_id": media_id}  # the store's key is the id the index must use
     documents = [_read_json(storage, f"{prefix}/{name}.json") for name in ("transcript", "captions", "summary")]
     try:
-        entries = entries_from_results(manifest, *documents)
+        return entries_from_results(manifest, *documents)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise PermanentError(f"{storage.uri(prefix)}: results do not follow the documented format ({error})") from error
+
+
+def _index_done_media(storage: Storage, media_id: str, index: SearchIndex) -> int | None:
+    """Index one job if its manifest is done (returns its entry count); else remove it and return None."""
+    entries = _done_entries(storage, media_id)
+    if entries is None:
+        index.remove_media(media_id)
+        return None
     return index.add_media(media_id, entries)
 
 
@@ -137,6 +146,7 @@ def index_media(storage: Storage, media_id: str, index: SearchIndex) -> int:
 
 
 RebuildProgress = Callable[[str, int, str | None], None]  # media id, entries, error (None when indexed)
+REBUILD_READERS = 16  # parallel reads of the store during a rebuild
 
 
 def rebuild_index(storage: Storage, index: SearchIndex, progress: RebuildProgress | None = None) -> tuple[int, int]:
@@ -147,25 +157,38 @@ def rebuild_index(storage: Storage, index: SearchIndex, progress: RebuildProgres
     Returns (media indexed, entries indexed).
     """
     entry_count, indexed = 0, set()
-    for key in storage.list_keys("results"):
-        parts = key.split("/")
-        if len(parts) != 3 or parts[0] != "results" or parts[2] != "manifest.json":
-            continue
-        media_id = parts[1]
+    media_ids = (
+        parts[1]
+        for parts in (key.split("/") for key in storage.list_keys("results"))
+        if len(parts) == 3 and parts[0] == "results" and parts[2] == "manifest.json"
+    )
+
+    def read(media_id: str) -> list[IndexEntry] | OmniqError | None:
         try:
-            count = _index_done_media(storage, media_id, index)
+            return _done_entries(storage, media_id)
         except TransientError:
-            raise
+            raise  # a flaky store must stop the rebuild, never empty the index
         except OmniqError as error:
-            log.warning("not indexing %s: %s", media_id, error)
-            if progress:
-                progress(media_id, 0, str(error))
-            continue
-        if count is not None:
-            indexed.add(media_id)
-            entry_count += count
-            if progress:
-                progress(media_id, count, None)
+            return error
+
+    # the store is read by REBUILD_READERS threads (one request each: an S3 store answers them at once), the
+    # index is written here, one media after another, in listing order
+    with ThreadPoolExecutor(REBUILD_READERS, thread_name_prefix="omniq-rebuild") as readers:
+        while batch := list(islice(media_ids, 4 * REBUILD_READERS)):
+            for media_id, found in zip(batch, readers.map(read, batch), strict=True):
+                if isinstance(found, OmniqError):
+                    log.warning("not indexing %s: %s", media_id, found)
+                    if progress:
+                        progress(media_id, 0, str(found))
+                    continue
+                if found is None:
+                    index.remove_media(media_id)
+                    continue
+                indexed.add(media_id)
+                count = index.add_media(media_id, found)
+                entry_count += count
+                if progress:
+                    progress(media_id, count, None)
     for stale in index.media_ids() - indexed:
         index.remove_media(stale)
     return len(indexed), entry_count

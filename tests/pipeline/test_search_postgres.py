@@ -113,3 +113,38 @@ def test_open_index_by_url_and_an_unreachable_server_is_named_without_its_passwo
     with pytest.raises(TransientError) as refused:
         PostgresIndex(wrong)
     assert "not-the-password" not in str(refused.value) and ":***@" in str(refused.value)
+
+
+def test_a_rebuild_runs_while_workers_write(index, postgres_url, tmp_path):
+    """A rebuild reading the store while workers index the same media (as finalizes do) leaves exactly the
+    store's entries: nothing doubled, nothing lost."""
+    import threading
+
+    from pipeline.search import rebuild_index
+    from pipeline.storage import LocalStorage
+    from tests.pipeline.test_search import write_results
+
+    storage = LocalStorage(tmp_path / "store")
+    media = [f"{i:020x}" for i in range(60)]
+    for media_id in media:
+        write_results(storage, media_id, segments=[(0.0, 4.0, f"rocket {media_id}"), (5.0, 9.0, "launch pad")])
+    expected = rebuild_index(storage, index)[1]
+    index._connection().execute("TRUNCATE omniq_entries")
+    stop = threading.Event()
+
+    def finalizes() -> None:
+        with PostgresIndex(postgres_url) as writer:
+            from pipeline.search import index_media
+
+            while not stop.is_set():
+                for media_id in media[::7]:
+                    index_media(storage, media_id, writer)
+
+    worker = threading.Thread(target=finalizes)
+    worker.start()
+    try:
+        assert rebuild_index(storage, index) == (60, expected)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert index.count() == expected and index.media_ids() == set(media)
