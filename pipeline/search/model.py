@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 KINDS = ("transcript", "caption", "summary")
 # ``SearchHit.highlighted`` wraps each match in these (U+27E6 / U+27E7, mathematical white square brackets):
@@ -74,6 +76,26 @@ class SearchIndex(Protocol):
     ) -> list[SearchHit]: ...
     def count(self) -> int: ...
     def close(self) -> None: ...
+
+
+class PerThreadConnection:
+    """What the backends share: one connection per thread (``self._local.conn``), opened again after a fork,
+    closed by ``close`` or at the end of a ``with`` block."""
+
+    _local: threading.local
+
+    def close(self) -> None:
+        """Close this thread's connection; the index opens it again when used."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def clean_text(text: str) -> str:

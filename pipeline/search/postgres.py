@@ -29,6 +29,7 @@ from pipeline.search.model import (
     HIGHLIGHT_OPEN,
     KINDS,
     IndexEntry,
+    PerThreadConnection,
     SearchHit,
     clean_text,
     mark_spans,
@@ -117,7 +118,7 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-class PostgresIndex:
+class PostgresIndex(PerThreadConnection):
     """``SearchIndex`` on PostgreSQL. One connection per thread, opened again after a fork."""
 
     def __init__(self, url: str, *, create: bool = True) -> None:
@@ -252,15 +253,3 @@ class PostgresIndex:
 
     def count(self) -> int:
         return int(self._connection().execute("SELECT count(*) FROM omniq_entries").fetchone()[0])
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
-            conn.close()
-        self._local.conn = None
-
-    def __enter__(self) -> PostgresIndex:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

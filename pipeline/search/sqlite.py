@@ -24,6 +24,7 @@ from pipeline.search.model import (
     KINDS,
     SCHEMA_VERSION,
     IndexEntry,
+    PerThreadConnection,
     SearchHit,
     clean_text,
     fts_query,
@@ -77,7 +78,7 @@ def has_fts5() -> bool:
     return True
 
 
-class SQLiteIndex:
+class SQLiteIndex(PerThreadConnection):
     """The default ``SearchIndex``: one SQLite file with an FTS5 table, ranked by bm25.
 
     WAL mode and a busy timeout let several processes write (one transaction per media) while others
@@ -199,19 +200,6 @@ class SQLiteIndex:
             return self._connection().execute(sql, params).fetchall()
         except sqlite3.DatabaseError as error:
             raise _translate(error, self.path) from error
-
-    def close(self) -> None:
-        """Close this thread's connection; the index opens it again when used."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
-            conn.close()
-        self._local.conn = None
-
-    def __enter__(self) -> SQLiteIndex:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:
