@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport's keys
+SIGNED = "application/data"  # Celery's auth serializer (OMNIQ_SIGNING_*): a signed JSON body
 
 
 @dataclass
@@ -42,6 +43,8 @@ def parse_delivery(tag: str, raw: str | bytes) -> Delivery | None:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
+        if message.get("content-type") == SIGNED:  # signer, signature, type, encoding, then the JSON body
+            body = base64.b64decode(body).split(b"\x00\x01", 4)[4]  # only to name the unit: not trusted
         _, kwargs, _ = json.loads(body)
         task = message["headers"]["task"]
         if not str(task).startswith("omniq.") or "job_id" not in kwargs:
@@ -63,6 +66,12 @@ def stale_deliveries(client: redis.Redis, delivered_before: float, limit: int = 
             delivery.delivered_at = float(when)
             found.append(delivery)
     return found
+
+
+def in_flight(client: redis.Redis) -> list[Delivery]:
+    """Every omniq message a worker holds now (fetched, not acknowledged): being run, waiting in a worker, or
+    about to go back to its queue (a worker that stops hands its messages back from here)."""
+    return [d for tag, raw in client.hgetall(UNACKED).items() if (d := parse_delivery(tag, raw))]
 
 
 def forget(client: redis.Redis, tag: str) -> None:

@@ -25,7 +25,7 @@ import redis
 
 from pipeline.config import Settings
 from pipeline.errors import OmniqError
-from workers.deliveries import forget, stale_deliveries
+from workers.deliveries import forget, in_flight, stale_deliveries
 from workers.leases import Leases, holder_is_dead
 from workers.recovery import Action, JobView, UnitView, decide, parse_units
 from workers.state import FINISHED, PENDING_FAILURES, PREFIX, JobState
@@ -191,8 +191,12 @@ class Watchdog:
             report["resent_stranded"] += len(resent)
             empty = empty_queues(self.state.redis, overtaken.queues())
             grace = max(self.settings.lease_seconds, self.settings.publish_grace_seconds)
-            for view, record, unit in overtaken.lost(grace, now, empty):
-                if (view.job_id, unit.name) in resent:
+            lost = overtaken.lost(grace, now, empty)
+            # a message a worker holds is not lost: it runs, or is on its way back to its queue (a stopping
+            # worker hands its units back a moment before their messages; stranded ones are resent above)
+            held = {(d.job_id, tasks.unit_of(d.task, d.kwargs)) for d in in_flight(self.state.redis)} if lost else set()
+            for view, record, unit in lost:
+                if (view.job_id, unit.name) in resent or (view.job_id, unit.name) in held:
                     continue
                 action = Action("publish", unit.name, unit.chunks, why="its message is neither queued nor started")
                 report[self.apply(view, record, action, tasks)] += 1

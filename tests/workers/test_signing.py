@@ -140,3 +140,32 @@ def test_a_signing_worker_runs_only_messages_signed_by_a_trusted_key(broker, tmp
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def test_the_watchdog_reads_which_unit_a_signed_message_carries(tmp_path):
+    """A worker that dies holding a signed message leaves it in kombu's unacked hash; the watchdog must still
+    see which unit it was (it then sends the unit again from the job's record, signed by itself)."""
+    import base64
+
+    from celery.security.certificate import Certificate
+    from celery.security.key import PrivateKey
+    from celery.security.serialization import SecureSerializer
+
+    from workers.deliveries import SIGNED, parse_delivery
+
+    key, cert = make_identity(tmp_path, "omniq-fleet")
+    serializer = SecureSerializer(PrivateKey(key.read_text()), Certificate(cert.read_text()), digest="sha256")
+    kwargs = {"job_id": "j1", "source": "s3://b/a.mp4", "chunks": [0, 1], "unit": "infer-0"}
+    body = serializer.serialize([[], kwargs, {}])
+    stored = [
+        {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-type": SIGNED,
+            "properties": {"body_encoding": "base64"},
+            "headers": {"task": "omniq.infer"},
+        },
+        "",
+        "gpu.tiny",
+    ]
+    delivery = parse_delivery("tag-1", json.dumps(stored))
+    assert delivery is not None and (delivery.task, delivery.kwargs) == ("omniq.infer", kwargs)
