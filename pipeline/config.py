@@ -158,6 +158,11 @@ class Settings(BaseSettings):
         """``local_source_roots`` as resolved folders."""
         return [Path(p.strip()).expanduser().resolve() for p in self.local_source_roots.split(",") if p.strip()]
 
+    def allows_local_source(self, path: Path) -> bool:
+        """Whether workers read ``path`` in place: its real path (symlinks followed) is under a root."""
+        real = path.resolve()
+        return any(real.is_relative_to(root) for root in self.local_source_paths())
+
     def effective_config(self) -> dict[str, object]:
         """The settings that change outputs; they go into job ids and manifests."""
         from pipeline.prompts import PROMPT_VERSION
@@ -188,6 +193,17 @@ OUTPUT_SETTINGS = (
     "summary_max_new_tokens",
 )
 CONFIG_KEYS = frozenset({"prompt_version", *OUTPUT_SETTINGS})
+
+
+def redacted(url: str) -> str:
+    """A URL without its password, for messages and logs (``redis://:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def config_hash_of(config: dict[str, object]) -> str:

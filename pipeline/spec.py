@@ -220,10 +220,8 @@ def check_local_root(spec: JobSpec, settings: Settings) -> None:
     path = local_path(spec.input_uri)
     if path is None:
         return
-    real = path.resolve()
-    roots = settings.local_source_paths()
-    if not any(real.is_relative_to(root) for root in roots):
-        allowed = ", ".join(map(str, roots)) or "none"
+    if not settings.allows_local_source(path):
+        allowed = ", ".join(map(str, settings.local_source_paths())) or "none"
         raise ConfigError(
             f"{spec.source}: this worker reads local files only from its store and OMNIQ_LOCAL_SOURCE_ROOTS "
             f"(now: {allowed}); add the file's folder to OMNIQ_LOCAL_SOURCE_ROOTS on the workers, or enqueue it "

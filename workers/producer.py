@@ -173,7 +173,7 @@ def _prepare(spec: job.JobSpec, storage: Storage, settings: Settings, force: boo
         if force:
             storage.delete_prefix(job.work_prefix(spec.job_id))
         path = local_path(spec.source)
-        if path is not None and not any(path.resolve().is_relative_to(r) for r in settings.local_source_paths()):
+        if path is not None and not settings.allows_local_source(path):
             # workers read local files only from their store and OMNIQ_LOCAL_SOURCE_ROOTS (README "Security"),
             # and remote workers cannot read this machine's disk at all
             key = job.staged_input_key(spec.job_id, path.name)

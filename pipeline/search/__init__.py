@@ -2,8 +2,8 @@
 
 The index is a cache of the store: ``rebuild_index`` recreates it from ``results/*/`` at any time, and
 ``index_media`` keeps it current as jobs finish. ``SearchIndex`` is the interface; ``SQLiteIndex`` (FTS5,
-one file, no server) is the default backend. A shared search server for many machines plugs in by
-implementing ``SearchIndex`` and adding its URL scheme to ``open_index``.
+one file, no server) is the default backend, ``PostgresIndex`` (``pipeline.search.postgres``) the one for a
+fleet of machines; ``open_index`` picks one by the URL's scheme.
 
 SQLite needs a local file system: WAL mode and file locks are not safe on NFS or SMB shares, so machines
 that share a results directory over the network should each use their own ``OMNIQ_INDEX_URL``.

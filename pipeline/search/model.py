@@ -98,6 +98,11 @@ class PerThreadConnection:
         self.close()
 
 
+def like_prefix(prefix: str) -> str:
+    """``prefix`` for a LIKE pattern whose escape character is ``\\``: its own %, _ and \\ match themselves."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def clean_text(text: str) -> str:
     """One line without control characters (so no terminal escapes, and FTS5's markers stay unambiguous)."""
     return " ".join(_CONTROL.sub(" ", text).split())

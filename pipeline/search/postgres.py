@@ -21,8 +21,8 @@ import os
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
+from pipeline.config import redacted
 from pipeline.errors import ConfigError, SourceNotFound, TransientError
 from pipeline.search.model import (
     HIGHLIGHT_CLOSE,
@@ -32,6 +32,7 @@ from pipeline.search.model import (
     PerThreadConnection,
     SearchHit,
     clean_text,
+    like_prefix,
     mark_spans,
     split_marked,
 )
@@ -107,15 +108,6 @@ _HEADLINE = f'StartSel="{_MARK_OPEN}", StopSel="{_MARK_CLOSE}", HighlightAll=tru
 def config_for(language: str | None) -> str:
     """The text search configuration for an ISO 639-1 code (``simple`` for unknown or none)."""
     return CONFIGS.get((language or "").lower().split("-")[0], SIMPLE)
-
-
-def redacted(url: str) -> str:
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@", 1) if parts.password else url
-
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class PostgresIndex(PerThreadConnection):
@@ -235,7 +227,7 @@ class PostgresIndex(PerThreadConnection):
             "options": _HEADLINE,
             "tag": tag,
             "kind": kind,
-            "prefix": _like_prefix(source_prefix) if source_prefix else None,
+            "prefix": like_prefix(source_prefix) if source_prefix else None,
             "limit": limit,
         }
         hits = []

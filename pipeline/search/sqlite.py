@@ -28,6 +28,7 @@ from pipeline.search.model import (
     SearchHit,
     clean_text,
     fts_query,
+    like_prefix,
     mark_spans,
     split_marked,
 )
@@ -58,11 +59,6 @@ WHERE entries_fts MATCH ? AND (? IS NULL OR e.tag = ?) AND (? IS NULL OR e.kind 
   AND (? IS NULL OR e.source LIKE ? ESCAPE '\\')
 ORDER BY rank_value, e.media_id, e.start, e.kind LIMIT ?
 """
-
-
-def _like_prefix(prefix: str) -> str:
-    """``prefix`` for a LIKE pattern with ``ESCAPE '\\'``: its own %, _ and \\ match themselves."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @functools.cache
@@ -180,7 +176,7 @@ class SQLiteIndex(PerThreadConnection):
         with ``source_prefix``, if given), best first (bm25)."""
         if limit < 1:
             raise ValueError(f"search limit {limit} must be at least 1")
-        prefix = None if source_prefix is None else _like_prefix(source_prefix) + "%"
+        prefix = None if source_prefix is None else like_prefix(source_prefix) + "%"
         hits = []
         for media_id, source, entry_tag, entry_kind, start, end, marked, rank in self._query(
             _SEARCH, (fts_query(query), tag, tag, kind, kind, prefix, prefix, limit)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Settings
+from pipeline.config import Settings, redacted
 from pipeline.errors import ConfigError, OmniqError
 from pipeline.sources import display_source
 
@@ -275,17 +275,6 @@ def _progress_bar(enabled: bool):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
     return tqdm(desc="listing and enqueueing", unit=" files", file=sys.stderr)
-
-
-def redacted(url: str) -> str:
-    """A URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

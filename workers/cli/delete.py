@@ -115,7 +115,7 @@ def tagged_media(storage: Storage, tag: str) -> list[str]:
 
 
 def _reachable_state(settings: Settings) -> Any:
-    from workers.cli import redacted
+    from pipeline.config import redacted
     from workers.state import JobState
 
     state = JobState.from_url(settings.broker_url, retry_seconds=0)

@@ -124,7 +124,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.job_id:
         job = state.get(args.job_id)
         if job is None:
-            from workers.cli import redacted
+            from pipeline.config import redacted
 
             print(f"omniq: no job {args.job_id!r} in {redacted(settings.broker_url)}; check the id", file=sys.stderr)
             return 1
