@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 TINY_MODEL = "tiny"
+TRANSCRIBERS = ("auto", "omni", "whisper")  # auto: whisper with the tiny model, omni with a real checkpoint
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +45,10 @@ class Settings(BaseSettings):
     attention: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2 | ...
     experts: str = "auto"  # MoE experts: auto (grouped_mm, batched_mm for decode on GPU) | grouped_mm | eager | ...
     language: str | None = None  # ISO 639-1 code or English name ("en", "English"); None: detected per file
+    # Who writes the transcript (README "Transcribers"): Qwen3-Omni, or Whisper on CTranslate2 (words with times)
+    transcriber: str = "auto"  # auto | omni | whisper
+    whisper_model: str = Field(default="tiny.en", min_length=1, max_length=1024)  # tiny.en (bundled), folder, name
+    whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on the CPU; or any CTranslate2 compute type
     transcript_max_new_tokens: int = Field(default=256, ge=1, le=8192)
     caption_max_new_tokens: int = Field(default=128, ge=1, le=8192)
     summary_max_new_tokens: int = Field(default=192, ge=1, le=8192)
@@ -123,6 +128,22 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("transcriber")
+    @classmethod
+    def _known_transcriber(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in TRANSCRIBERS:
+            raise ValueError(f"transcriber {value!r}: use omni (Qwen3-Omni), whisper (faster-whisper) or auto")
+        return value
+
+    @property
+    def transcriber_name(self) -> str:
+        """``omni`` or ``whisper``: ``auto`` is Whisper for the tiny test model (whose text is random) and
+        Qwen3-Omni for a real checkpoint."""
+        if self.transcriber != "auto":
+            return self.transcriber
+        return "whisper" if self.model == TINY_MODEL else "omni"
+
     @field_validator("language")
     @classmethod
     def _language_code(cls, value: str | None) -> str | None:
@@ -167,7 +188,9 @@ class Settings(BaseSettings):
         """The settings that change outputs; they go into job ids and manifests."""
         from pipeline.prompts import PROMPT_VERSION
 
-        return {"prompt_version": PROMPT_VERSION, **{name: getattr(self, name) for name in OUTPUT_SETTINGS}}
+        values = {name: getattr(self, name) for name in OUTPUT_SETTINGS}
+        values["transcriber"] = self.transcriber_name  # auto is named by what it chose
+        return {"prompt_version": PROMPT_VERSION, **values}
 
     def config_hash(self) -> str:
         return config_hash_of(self.effective_config())
@@ -178,6 +201,8 @@ class Settings(BaseSettings):
 OUTPUT_SETTINGS = (
     "model",
     "language",
+    "transcriber",
+    "whisper_model",
     "chunk_seconds",
     "chunk_overlap_seconds",
     "silence_search_seconds",

@@ -12,7 +12,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline import languages, prompts
 from pipeline.config import Settings
+from pipeline.engines import whisper
 from pipeline.engines.base import Engine, GenerationRequest
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
@@ -139,6 +140,10 @@ def file_language(
     key = language_key(job_plan.spec.job_id)
     if storage.exists(key):
         return get_json(storage, key).get("language")
+    if settings.transcriber_name == "whisper" and whisper.english_only(settings.whisper_model):
+        # an English-only model hears English in everything: say so rather than guess
+        put_json(storage, key, {"language": "en", "by": f"{settings.whisper_model} (English only)"})
+        return "en"
     # the first speech, as the chunks hold it (a piece long enough to hear: an utterance may be cut by a boundary)
     pieces = (
         (chunk, start, end)
@@ -157,10 +162,39 @@ def file_language(
     if media.audio is None:
         return None
     heard = media.clip(start, min(end, start + LANGUAGE_PROBE_SECONDS))
+    if settings.transcriber_name == "whisper":
+        asr = whisper_for(settings)
+        found, probability = asr.submit(asr.detect_language, heard).result()
+        code = languages.code_of(found)
+        record = {"language": code, "by": f"whisper {settings.whisper_model}", "probability": probability}
+        put_json(storage, key, record | {"heard": [start, end]})
+        return code
     answer = engine.generate([prompts.language_request(heard)])[0]
     code = languages.parse_answer(answer.text)
     put_json(storage, key, {"language": code, "answer": answer.text.strip(), "heard": [start, end]})
     return code
+
+
+def whisper_for(settings: Settings) -> whisper.WhisperTranscriber:
+    """This process's Whisper for the job's settings (loaded once, on first use)."""
+    return whisper.transcriber(settings.whisper_model, settings.device, settings.whisper_compute_type)
+
+
+def _whisper_rows(
+    asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str | None, results: dict[int, ChunkResult]
+) -> None:
+    """Whisper's transcript of each chunk's utterances into ``results`` (in Whisper's thread)."""
+    for item in media:
+        if not item.utterances or item.audio is None:
+            continue
+        started = time.perf_counter()
+        heard = asr.transcribe(item.audio, item.chunk.media_start, item.utterances, language)
+        result = results[item.chunk.index]
+        result.asr_seconds += time.perf_counter() - started
+        result.segments = [
+            {"start": h.start, "end": h.end, "text": h.text, "words": [w.to_dict() for w in h.words]} for h in heard
+        ]
+        result.transcript = " ".join(h.text for h in heard if h.text)
 
 
 def infer_chunks(
@@ -208,8 +242,12 @@ def _infer_group(
         speaks = any(m.utterances for m in media)
         language = file_language(job_plan, engine, storage, settings, media) if speaks else None
         requests: list[Row] = []
+        heard: Future[None] | None = None
+        if settings.transcriber_name == "whisper" and speaks:  # Whisper writes the transcript, beside the model
+            asr = whisper_for(settings)
+            heard = asr.submit(_whisper_rows, asr, media, language, results)
         for item in media:
-            for start, end in item.utterances:  # one row per utterance: its segment has the speech's times
+            for start, end in item.utterances if heard is None else ():  # one row per utterance: its speech's times
                 tokens = prompts.transcript_tokens(end - start, settings.transcript_max_new_tokens)
                 request = prompts.transcript_request(item.clip(start, end), language, tokens)
                 requests.append((item.chunk.index, prompts.TRANSCRIPT, request, (start, end)))
@@ -219,7 +257,11 @@ def _infer_group(
                 )
                 requests.append((item.chunk.index, prompts.CAPTION, request, None))
         streams = {m.chunk.index: (m.frames is not None, m.audio is not None) for m in media}
-        _run(engine, requests, results, streams, prepared=held.release)
+        try:
+            _run(engine, requests, results, streams, prepared=held.release)
+        finally:
+            if heard is not None:
+                heard.result()  # Whisper's rows (an error there fails the unit like a model error)
         del media, requests  # the decoded frames and audio go before the text-only summaries
     summaries: list[Row] = [
         (

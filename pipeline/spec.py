@@ -177,6 +177,13 @@ def settings_for(spec: JobSpec, settings: Settings, *, runs_model: bool = False)
             f"job {spec.job_id} was enqueued for model {spec.config.get('model')!r} but this worker runs "
             f"{settings.model!r}; start a worker with OMNIQ_MODEL={spec.config.get('model')}"
         )
+    whisper_model = spec.config.get("whisper_model")
+    if runs_model and spec.config.get("transcriber") == "whisper" and whisper_model not in (None, settings.whisper_model):
+        # the worker loads only the Whisper model it was started with (a message cannot name a folder to load)
+        raise ConfigError(
+            f"job {spec.job_id} was enqueued for whisper model {whisper_model!r} but this worker runs "
+            f"{settings.whisper_model!r}; start GPU workers with OMNIQ_WHISPER_MODEL={whisper_model}"
+        )
     try:
         return Settings.model_validate({**settings.model_dump(), **wanted})
     except ValidationError as error:

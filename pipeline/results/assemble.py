@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.results.cues import Cue, TimedText
+from pipeline.results.cues import Cue, TimedText, TimedWord
 
 
 @dataclass
@@ -24,9 +24,12 @@ class ChunkResult:
     visual: str = ""
     audio: str = ""
     summary: str = ""
-    segments: list[dict[str, Any]] = field(default_factory=list)  # per utterance: start, end (file times), text
+    # per utterance: start, end (file times), text, and words [{text, start, end, probability}] where the
+    # transcriber times them (Whisper)
+    segments: list[dict[str, Any]] = field(default_factory=list)
     new_tokens: int = 0
     model_seconds: float = 0.0  # this chunk's share of its batches' generate time
+    asr_seconds: float = 0.0  # Whisper's time for this chunk's utterances
     prepare_seconds: float = 0.0  # fetching and decoding it, plus its share of the processor's time
     errors: list[str] = field(default_factory=list)
 
@@ -58,7 +61,12 @@ def transcript_segments(chunks: list[ChunkResult]) -> list[Segment]:
         for span in spans:
             text = clean_text(span["text"])
             if text:
-                segments.append(Segment(round(float(span["start"]), 3), round(float(span["end"]), 3), text))
+                words = tuple(
+                    TimedWord(clean_text(w["text"]), float(w["start"]), float(w["end"]), w.get("probability"))
+                    for w in span.get("words") or ()
+                    if clean_text(w["text"])
+                )
+                segments.append(Segment(round(float(span["start"]), 3), round(float(span["end"]), 3), text, words))
     return segments
 
 
@@ -94,10 +102,25 @@ def _cue_text(cue: Cue) -> str:
     return "\n".join(cue.lines)  # made from cleaned segments: no blank lines, no cue arrows
 
 
-def transcript_doc(segments: list[Segment], language: str | None) -> dict[str, Any]:
+def transcript_doc(segments: list[Segment], language: str | None, transcriber: str | None = None) -> dict[str, Any]:
+    """The transcript: its language, who wrote it, whether its words are timed (``times``: ``words``, or
+    ``utterances`` when only each segment's edges are), and its segments with their words."""
+    timed = all(s.words for s in segments) and (bool(segments) or transcriber == "whisper")
     return {
         "language": language,
-        "segments": [{"start": float(s.start), "end": float(s.end), "text": s.text} for s in segments],
+        "transcriber": transcriber,
+        "times": "words" if timed else "utterances",
+        "segments": [
+            {
+                "start": float(s.start),
+                "end": float(s.end),
+                "text": s.text,
+                "words": [
+                    {"text": w.text, "start": w.start, "end": w.end, "probability": w.probability} for w in s.words
+                ],
+            }
+            for s in segments
+        ],
     }
 
 

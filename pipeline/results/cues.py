@@ -10,8 +10,10 @@ style guide is the usual reference).
 - at least :data:`GAP_SECONDS` (2 frames at 25 fps) between one cue and the next.
 
 A segment is one utterance: its start and end are the speech's. A segment too long for one cue is cut into
-cues of about equal length at the best break points, and its time is shared out by characters, so times
-inside an utterance are estimates; its edges are as precise as the speech detection.
+cues of about equal length at the best break points. Where the transcriber timed its words (Whisper), a cue
+starts at its first word and ends at its last (then lingers by the rules above); otherwise the segment's time
+is shared out by characters, so times inside an utterance are estimates and only its edges are as precise as
+the speech detection.
 """
 
 from __future__ import annotations
@@ -37,12 +39,24 @@ _SPACELESS_SCRIPTS = ("THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")  # besides t
 
 
 @dataclass(frozen=True)
+class TimedWord:
+    """A word of a segment as said: its text, start and end (seconds) and the transcriber's confidence."""
+
+    text: str
+    start: float
+    end: float
+    probability: float | None = None
+
+
+@dataclass(frozen=True)
 class TimedText:
-    """A transcript segment: one utterance's text and its speech's start and end (seconds)."""
+    """A transcript segment: one utterance's text, its speech's start and end (seconds) and, where the
+    transcriber timed them, its words (in order, inside the segment)."""
 
     start: float
     end: float
     text: str
+    words: tuple[TimedWord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,10 @@ def _cues_of(segment: TimedText) -> list[Cue]:
         runs = _split(units, pieces)
     if runs is None:
         runs = [[unit] for unit in units]
+    if segment.words:
+        timed = _word_timed(segment, runs)
+        if timed is not None:
+            return timed
     sizes = [len(joined(run)) for run in runs]
     total = sum(sizes)
     cues, done = [], 0
@@ -188,6 +206,34 @@ def _cues_of(segment: TimedText) -> list[Cue]:
         end = segment.start + duration * done / total
         lines = lines_of(run) or (joined(run),)
         cues.append(Cue(start, end, lines))
+    return cues
+
+
+def _word_timed(segment: TimedText, runs: list[list[_Unit]]) -> list[Cue] | None:
+    """Cues for ``runs`` timed by the segment's words: each from the start of the word its first character
+    belongs to, to the end of the word its last character belongs to. None when the words cannot be found in
+    the text in order (then the time is shared out by characters)."""
+    text = segment.text
+    owner = [-1] * len(text)  # the word each character of the text belongs to
+    position = 0
+    for number, word in enumerate(segment.words):
+        found = text.find(word.text, position)
+        if found < 0 or not word.text:
+            return None
+        owner[found : found + len(word.text)] = [number] * len(word.text)
+        position = found + len(word.text)
+    cues, position = [], 0
+    for run in runs:
+        first_unit = text.find(run[0].text, position)
+        last_unit = text.find(run[-1].text, first_unit + sum(len(u.text) for u in run[:-1]))
+        if first_unit < 0 or last_unit < 0:
+            return None
+        position = last_unit + len(run[-1].text)
+        first_words = [w for w in owner[first_unit:position] if w >= 0]
+        if not first_words:
+            return None
+        start, end = segment.words[first_words[0]].start, segment.words[first_words[-1]].end
+        cues.append(Cue(start, max(start, end), lines_of(run) or (joined(run),)))
     return cues
 
 
@@ -217,7 +263,9 @@ def _lay_out(cues: list[Cue], segment: TimedText, earliest: float, latest: float
         start = max(cue.start, out[-1][1] + GAP_SECONDS if out else earliest)
         end = max(cue.end, start + MIN_SECONDS)
         if position == len(cues) - 1:  # into the silence after the speech, as long as reading needs
-            reading = min(start + cue.characters / MAX_CPS, max(segment.end + LINGER_SECONDS, start + MIN_SECONDS))
+            # the last word's end: the segment's end, unless the words say the speech ends earlier
+            speech_end = min(segment.end, cue.end) if segment.words else segment.end
+            reading = min(start + cue.characters / MAX_CPS, max(speech_end + LINGER_SECONDS, start + MIN_SECONDS))
             end = max(end, reading)
         out.append((start, min(end, start + MAX_SECONDS)))
     overrun = out[-1][1] - latest if out else 0.0

@@ -30,6 +30,12 @@ RANDOM_NOTICE = (
     "Written by the tiny random-weight test model: this text is random and says nothing about the media. "
     "Use a real checkpoint (--model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path) for real output."
 )
+# with Whisper writing the transcript, only the captions and summaries are the random model's
+RANDOM_CAPTIONS_NOTICE = (
+    "The captions and summaries were written by the tiny random-weight test model: their text is random and says "
+    "nothing about the media. The transcript is real: Whisper {whisper} wrote it. Use a real checkpoint "
+    "(--model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path) for real captions and summaries."
+)
 RESULT_FILES = (
     "transcript.json",
     "transcript.srt",
@@ -79,14 +85,20 @@ def finalize(
     summary = get_json(storage, f"{work_prefix(spec.job_id)}/summary.json")
     segments = assemble.transcript_segments(chunks)
     subtitles = cues.build_cues(segments)
-    language = settings.language or _detected_language(storage, spec.job_id)
-    # text from the random-weight test model says so in every document that has room for it (README "Results")
+    language, language_by = _language(settings, storage, spec.job_id)
+    transcriber = settings.transcriber_name
+    # text from the random-weight test model says so in every document that has room for it (README "Results");
+    # a transcript Whisper wrote is not that model's
     notice = RANDOM_NOTICE if summary.get("random_weights") else None
+    if notice and transcriber == "whisper":
+        notice = RANDOM_CAPTIONS_NOTICE.format(whisper=settings.whisper_model)
+    transcript_notice = notice if transcriber != "whisper" else None
     marked = (lambda document: {"notice": notice, **document}) if notice else (lambda document: document)
+    transcript = assemble.transcript_doc(segments, language, transcriber)
     documents: dict[str, bytes] = {
-        "transcript.json": assemble.dumps(marked(assemble.transcript_doc(segments, language))),
+        "transcript.json": assemble.dumps({"notice": transcript_notice, **transcript} if transcript_notice else transcript),
         "transcript.srt": assemble.to_srt(subtitles).encode(),
-        "transcript.vtt": assemble.to_vtt(subtitles, notice).encode(),
+        "transcript.vtt": assemble.to_vtt(subtitles, transcript_notice).encode(),
         "transcript.txt": assemble.to_txt(subtitles).encode(),
         "captions.json": assemble.dumps(marked(assemble.captions_doc(chunks))),
         "summary.json": assemble.dumps(marked(assemble.summary_doc(summary["summary"], chunks))),
@@ -97,6 +109,8 @@ def finalize(
     all_timings = {**job_plan.timings, **(timings or {})}
     all_timings["model_s"] = round(sum(c.model_seconds for c in chunks) + float(summary.get("seconds", 0)), 3)
     all_timings["prepare_s"] = round(sum(c.prepare_seconds for c in chunks), 3)
+    if transcriber == "whisper":
+        all_timings["asr_s"] = round(sum(c.asr_seconds for c in chunks), 3)
     all_timings["finalize_s"] = round(time.monotonic() - started, 3)
     manifest = _base_manifest(spec, settings) | {
         "status": "done",
@@ -106,6 +120,11 @@ def finalize(
         "random_weights": bool(summary.get("random_weights")),
         "media": job_plan.info.to_dict(),
         "language": language,
+        "language_by": language_by,
+        "transcriber": transcriber,
+        "whisper_model": settings.whisper_model if transcriber == "whisper" else None,
+        # "words": each segment has its words' times; "utterances": only each segment's start and end
+        "times": transcript["times"],
         "speech_s": round(sum(b - a for a, b in job_plan.speech or []), 3),
         "segments": len(segments),
         "cues": len(subtitles),
@@ -115,8 +134,8 @@ def finalize(
         "finished_at": now_iso(),
         "outputs": {name: storage.uri(f"{prefix}/{name}") for name in RESULT_FILES},
     }
-    if manifest["random_weights"]:
-        manifest["notice"] = RANDOM_NOTICE
+    if notice:
+        manifest["notice"] = notice
     # the results page, with thumbnails from each chunk's first frame (work/ still exists here)
     first_frames = _first_frames(storage, job_plan) if job_plan.frame_shape else {}
     viewer.write_viewer(storage, manifest, first_frames, settings)
@@ -126,10 +145,16 @@ def finalize(
     return manifest
 
 
-def _detected_language(storage: Storage, job_id: str) -> str | None:
-    """The language the GPU step detected (``infer.file_language``); None when it found no speech."""
+def _language(settings: Settings, storage: Storage, job_id: str) -> tuple[str | None, str | None]:
+    """The transcript's language and who said so: the setting, or what the GPU step detected
+    (``infer.file_language``: Qwen3-Omni, Whisper, or an English-only Whisper model); None without speech."""
+    if settings.language:
+        return settings.language, "setting"
     key = language_key(job_id)
-    return get_json(storage, key).get("language") if storage.exists(key) else None
+    if not storage.exists(key):
+        return None, None
+    record = get_json(storage, key)
+    return record.get("language"), record.get("by", "omni")
 
 
 def _first_frames(storage: Storage, job_plan: JobPlan) -> dict[int, bytes]:

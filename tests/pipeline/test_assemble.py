@@ -78,9 +78,10 @@ def test_hour_long_times_format():
 
 def test_documents_follow_the_public_contract():
     chunks = _chunks()
-    transcript = transcript_doc(transcript_segments(chunks), "English")
-    assert set(transcript) == {"language", "segments"}
-    assert all(set(s) == {"start", "end", "text"} for s in transcript["segments"])
+    transcript = transcript_doc(transcript_segments(chunks), "English", "omni")
+    assert set(transcript) == {"language", "transcriber", "times", "segments"}
+    assert transcript["times"] == "utterances"  # Qwen3-Omni's segments carry no word times
+    assert all(set(s) == {"start", "end", "text", "words"} and s["words"] == [] for s in transcript["segments"])
     assert all(isinstance(s["start"], float) for s in transcript["segments"])
     captions = captions_doc(chunks)
     assert [set(c) for c in captions["chunks"]] == [{"index", "start", "end", "visual", "audio"}] * 3

@@ -124,7 +124,12 @@ def test_sound_that_is_not_speech_is_not_transcribed_but_still_captioned(setting
         outcome = run_job(str(path), settings, storage, engine)
         assert outcome.status == "done", outcome.error
         transcript = json.loads(_read(storage, outcome.media_id, "transcript.json"))
-        assert {k: v for k, v in transcript.items() if k != "notice"} == {"language": None, "segments": []}
+        assert {k: v for k, v in transcript.items() if k != "notice"} == {
+            "language": None,
+            "transcriber": "omni",
+            "times": "utterances",
+            "segments": [],
+        }
         assert _read(storage, outcome.media_id, "transcript.srt") == ""
         captions = json.loads(_read(storage, outcome.media_id, "captions.json"))["chunks"]
         assert captions and all(c["visual"] for c in captions)  # captioned from frames and sound

@@ -22,13 +22,26 @@ log = logging.getLogger("omniq")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings with the command line's on top (validated as the environment's are)."""
     overrides: dict[str, object] = {}
-    for name in ("model", "chunk_seconds", "fps", "batch_size", "language"):
+    for name in ("model", "chunk_seconds", "fps", "batch_size", "language", "transcriber", "whisper_model"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    settings = Settings()
-    return settings.model_copy(update=overrides) if overrides else settings
+    return Settings(**overrides) if overrides else Settings()  # type: ignore[arg-type]
+
+
+def check_transcriber(settings: Settings, *, load: bool = True) -> None:
+    """Refuse a Whisper model that is not there, or an English-only one asked for another language, before any
+    job starts. ``load``: the model must be found on this machine (not so for a producer, whose workers load it).
+    """
+    if settings.transcriber_name != "whisper":
+        return
+    from pipeline.engines import whisper
+
+    if load:
+        whisper.model_location(settings.whisper_model)
+    whisper.check_language(settings.whisper_model, settings.language)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.storage import open_storage
 
     settings = _settings(args).model_copy(update={"storage_url": args.out})
+    check_transcriber(settings)
     storage = open_storage(args.out, settings)
     sources, rejected, ignored = _discover_for_run(args, settings)
     outcomes = [JobOutcome(d.uri, None, "failed", None, d.rejected) for d in rejected]
@@ -55,9 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(_ignored_note(ignored).removeprefix(", "), file=sys.stderr)
     _list_ignored(ignored, args.verbose)
     if engine is not None and engine.random_weights and any(o.status == "done" for o in outcomes):
+        random = "the transcripts, captions and summaries are random text"
+        if settings.transcriber_name == "whisper":
+            random = f"the captions and summaries are random text (Whisper {settings.whisper_model} wrote the transcripts)"
         print(
-            "NOTE: --model tiny has random weights: the transcripts, captions and summaries are random text, "
-            "useful only to check the pipeline. Use --model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path.",
+            f"NOTE: --model tiny has random weights: {random}, useful only to check the pipeline. "
+            "Use --model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path.",
             file=sys.stderr,
         )
     if args.json:
@@ -144,6 +161,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = Settings()
     check_target(settings)  # a half-set notification target stops the worker here, not silently later
+    if args.queue == GPU_QUEUE:
+        check_transcriber(settings)  # a Whisper model that is not there stops the worker here
     if args.metrics_port is not None:
         from workers.metrics import merged_registry, serve_metrics
 
@@ -214,6 +233,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from workers.state import JobState
 
     settings = _settings(args)
+    check_transcriber(settings, load=False)  # the workers load the model; a bad combination stops here
     sources = list(args.sources)
     for list_file in args.from_file or []:
         sources.extend(read_list_file(Path(list_file)))
@@ -400,6 +420,18 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--language", help="spoken language: ISO 639-1 code or English name, e.g. en, English (default: detect)"
+    )
+    parser.add_argument(
+        "--transcriber",
+        choices=("auto", "omni", "whisper"),
+        help="who writes the transcript: omni (Qwen3-Omni) or whisper (faster-whisper, with word times); "
+        "default auto: whisper with --model tiny, omni otherwise (OMNIQ_TRANSCRIBER)",
+    )
+    parser.add_argument(
+        "--whisper-model",
+        dest="whisper_model",
+        help="tiny.en (bundled, default), a CTranslate2 model folder, or a faster-whisper name such as large-v3 "
+        "or turbo (downloaded; OMNIQ_WHISPER_MODEL)",
     )
 
 
