@@ -28,6 +28,8 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/omniq sample $(DEMO_DIR)/sample.mp4 --duration 40
 	$(VENV)/bin/omniq run $(DEMO_DIR)/sample.mp4 --model tiny --out ./omniq-data --chunk-seconds 15 --fps 1
+	@$(PY) -m workers.cli transcript $(DEMO_DIR)/sample.mp4 --out ./omniq-data --lines 4
+	$(VENV)/bin/omniq search "quick brown fox" --out ./omniq-data --kind transcript --limit 1
 	@echo "Results are under ./omniq-data/results/<media-id>/: open index.html in a browser, or read manifest.json."
 
 # The browser tests drive Debian's Chromium (no browser download works offline); installed when missing.

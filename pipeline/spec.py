@@ -178,7 +178,11 @@ def settings_for(spec: JobSpec, settings: Settings, *, runs_model: bool = False)
             f"{settings.model!r}; start a worker with OMNIQ_MODEL={spec.config.get('model')}"
         )
     whisper_model = spec.config.get("whisper_model")
-    if runs_model and spec.config.get("transcriber") == "whisper" and whisper_model not in (None, settings.whisper_model):
+    if (
+        runs_model
+        and spec.config.get("transcriber") == "whisper"
+        and whisper_model not in (None, settings.whisper_model)
+    ):
         # the worker loads only the Whisper model it was started with (a message cannot name a folder to load)
         raise ConfigError(
             f"job {spec.job_id} was enqueued for whisper model {whisper_model!r} but this worker runs "

@@ -24,6 +24,8 @@ CHUNKS = Counter("omniq_chunks", "Chunks run through the model", LABELS)
 JOBS = Counter("omniq_jobs", "Jobs that ended, by status", (*LABELS, "status"))
 MODEL_SECONDS = Counter("omniq_model_seconds", "Seconds spent in generate calls", LABELS)
 GENERATED_TOKENS = Counter("omniq_generated_tokens", "Tokens generated", LABELS)
+ASR_SECONDS = Counter("omniq_asr_seconds", "Seconds Whisper spent transcribing", LABELS)
+ASR_AUDIO_SECONDS = Counter("omniq_asr_audio_seconds", "Seconds of audio Whisper heard", LABELS)
 TOKENS_PER_SECOND = Histogram(
     "omniq_generated_tokens_per_second",
     "Generation speed of each batch (new tokens of all rows / batch seconds)",

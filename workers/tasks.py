@@ -116,8 +116,11 @@ def engine() -> Engine:
     from pipeline.engines.omni import OmniEngine
     from pipeline.engines.pipelined import PipelinedEngine
 
+    from pipeline.engines import whisper
+
     model = OmniEngine(settings())
     model.batch_observers.append(_observe_batch)
+    whisper.OBSERVERS.append(_observe_asr)
     return PipelinedEngine(model, settings())
 
 
@@ -132,6 +135,12 @@ def gpu_slots(config: Settings) -> int:
     the next ones are fetched and prepared while the model runs the last ones' rows (``bench_gpu_worker``:
     with 2 x batch the model waited at each turn of the messages)."""
     return config.gpu_slots or 4 * config.batch_size
+
+
+def _observe_asr(audio_seconds: float, seconds: float) -> None:
+    labels = {"queue": GPU_QUEUE, "model": settings().model}
+    metrics.ASR_AUDIO_SECONDS.labels(**labels).inc(audio_seconds)
+    metrics.ASR_SECONDS.labels(**labels).inc(seconds)
 
 
 def _observe_batch(rows: int, new_tokens: int, seconds: float) -> None:

@@ -13,7 +13,6 @@ that a GPU worker's Qwen3-Omni batches and Whisper's transcripts never wait for 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ NEAREST_SECONDS = 0.6  # a word in no utterance joins the nearest one within thi
 BEAM_SIZE = 5
 MULTILINGUAL_VOCABULARY = 51_865
 log = logging.getLogger(__name__)
+OBSERVERS: list[Callable[[float, float], None]] = []  # called after each call: (audio seconds heard, seconds taken)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,6 @@ class WhisperTranscriber:
         self._model: Any = None
         self._lock = threading.Lock()
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="omniq-whisper")
-        self.observers: list[Callable[[float, float], None]] = []  # (audio seconds heard, seconds taken)
 
     @property
     def english_only(self) -> bool:
@@ -215,7 +214,7 @@ class WhisperTranscriber:
         except (RuntimeError, ValueError) as error:
             raise PermanentMediaError(f"whisper could not transcribe this audio ({error})") from error
         seconds = time.monotonic() - started
-        for observe in self.observers:
+        for observe in OBSERVERS:
             observe(len(heard) / SAMPLE_RATE, seconds)
         return assign_words(words, utterances)
 

@@ -50,6 +50,8 @@ def build_sample_command(
         command += ["-c:a", "aac" if path.suffix in {".mp4", ".m4a", ".mov", ".mkv"} else "libmp3lame"]
         if path.suffix in {".wav"}:
             command[-1] = "pcm_s16le"
+        else:  # a podcast's bitrate: lame's default for 16 kHz speech (24 kb/s) garbles words for Whisper tiny.en
+            command += ["-b:a", "128k"]
     command += ["-t", str(duration), str(path)]
     return command
 

@@ -58,7 +58,7 @@ class Spoken:
 class _Event(ctypes.Structure):
     """espeak_EVENT (speak_lib.h): what the synthesizer reached, and where in its audio."""
 
-    _fields_ = [  # noqa: RUF012 - ctypes' own declaration
+    _fields_ = [
         ("type", ctypes.c_int),
         ("unique_identifier", ctypes.c_uint),
         ("text_position", ctypes.c_int),  # 1-based, in characters

@@ -96,7 +96,9 @@ def finalize(
     marked = (lambda document: {"notice": notice, **document}) if notice else (lambda document: document)
     transcript = assemble.transcript_doc(segments, language, transcriber)
     documents: dict[str, bytes] = {
-        "transcript.json": assemble.dumps({"notice": transcript_notice, **transcript} if transcript_notice else transcript),
+        "transcript.json": assemble.dumps(
+            {"notice": transcript_notice, **transcript} if transcript_notice else transcript
+        ),
         "transcript.srt": assemble.to_srt(subtitles).encode(),
         "transcript.vtt": assemble.to_vtt(subtitles, transcript_notice).encode(),
         "transcript.txt": assemble.to_txt(subtitles).encode(),

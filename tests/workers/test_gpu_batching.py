@@ -24,7 +24,9 @@ def clips(tmp_path_factory) -> list[Path]:
 
 
 def test_sixteen_one_chunk_files_run_in_full_batches(s3_server, tiny_cache_dir, tmp_path, clips):
-    cluster = Cluster(tmp_path, s3_server, {"OMNIQ_CACHE_DIR": str(tiny_cache_dir), "OMNIQ_BATCH_SIZE": str(BATCH)})
+    # Qwen3-Omni writes the transcripts here (with Whisper, it writes only the captions and summaries)
+    env = {"OMNIQ_CACHE_DIR": str(tiny_cache_dir), "OMNIQ_BATCH_SIZE": str(BATCH), "OMNIQ_TRANSCRIBER": "omni"}
+    cluster = Cluster(tmp_path, s3_server, env)
     try:
         cluster.add_worker("media", "media", concurrency=2)
         job_ids = cluster.enqueue(clips)

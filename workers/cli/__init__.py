@@ -71,7 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if engine is not None and engine.random_weights and any(o.status == "done" for o in outcomes):
         random = "the transcripts, captions and summaries are random text"
         if settings.transcriber_name == "whisper":
-            random = f"the captions and summaries are random text (Whisper {settings.whisper_model} wrote the transcripts)"
+            random = (
+                f"the captions and summaries are random text (Whisper {settings.whisper_model} wrote the transcripts)"
+            )
         print(
             f"NOTE: --model tiny has random weights: {random}, useful only to check the pipeline. "
             "Use --model Qwen/Qwen3-Omni-30B-A3B-Instruct or a local path.",

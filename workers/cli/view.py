@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import ipaddress
+import json
 import mimetypes
 import os
 import re
@@ -58,6 +59,44 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     view.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port)")
     view.add_argument("--no-open", action="store_true", help="print the path or URL without opening a browser")
     view.set_defaults(func=cmd_view)
+
+    transcript = subparsers.add_parser(
+        "transcript",
+        help="print what was said in a finished job: one line per subtitle cue, with its start time",
+        description="Prints results/<media-id>/transcript.txt (or --json: transcript.json, with word times).",
+    )
+    transcript.add_argument(
+        "target", metavar="MEDIA_ID_OR_SOURCE", help="a media id, or the file/URI that was processed"
+    )
+    transcript.add_argument("--out", help="results directory or s3://bucket/prefix (default: OMNIQ_STORAGE_URL)")
+    transcript.add_argument("--lines", type=int, help="print only the first N lines")
+    transcript.add_argument("--json", action="store_true", help="print transcript.json")
+    transcript.set_defaults(func=cmd_transcript)
+
+
+def cmd_transcript(args: argparse.Namespace) -> int:
+    """Print a finished job's transcript, and who wrote it."""
+    settings = Settings()
+    if args.out:
+        settings = settings.model_copy(update={"storage_url": args.out})
+    storage = open_storage(settings.storage_url, settings)
+    media_id = find_media_id(args.target, storage, settings)
+    prefix = results_prefix(media_id)
+    if args.json:
+        print(storage.get_bytes(f"{prefix}/transcript.json").decode(), end="")
+        return 0
+    document = json.loads(storage.get_bytes(f"{prefix}/transcript.json"))
+    lines = storage.get_bytes(f"{prefix}/transcript.txt").decode().splitlines()
+    shown = lines[: args.lines] if args.lines is not None else lines
+    writer = {"whisper": "Whisper", "omni": "Qwen3-Omni"}.get(document.get("transcriber"), "the model")
+    timed = "word" if document.get("times") == "words" else "utterance"
+    print(f"# {len(lines)} cues written by {writer}, with {timed} times"
+          + (f"; random text: {document['notice']}" if document.get("notice") else ""))  # fmt: skip
+    for line in shown:
+        print(line)
+    if len(shown) < len(lines):
+        print(f"# ... {len(lines) - len(shown)} more (omniq transcript {args.target})")
+    return 0
 
 
 def cmd_view(args: argparse.Namespace) -> int:
