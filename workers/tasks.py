@@ -113,10 +113,9 @@ def engine() -> Engine:
     Pipelined: the GPU worker runs several messages at once (``gpu_slots``) and their rows share batches, while
     the next batch is prepared beside the running one (``pipeline.engines.pipelined``).
     """
+    from pipeline.engines import whisper
     from pipeline.engines.omni import OmniEngine
     from pipeline.engines.pipelined import PipelinedEngine
-
-    from pipeline.engines import whisper
 
     model = OmniEngine(settings())
     model.batch_observers.append(_observe_batch)

@@ -136,6 +136,14 @@ def test_a_whisper_run_publishes_real_words_and_says_whose_text_is_random(whispe
     assert "notice" in json.loads((result / "captions.json").read_text())
     assert "NOTE" not in (result / "transcript.vtt").read_text()
     assert "harbo" in (result / "transcript.txt").read_text().lower()
+    printed = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "transcript", str(path), "--out", str(tmp_path / "store"), "--lines", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    head, first, more = printed.stdout.splitlines()
+    assert head.startswith("# ") and "written by Whisper, with word times" in head
+    assert first.startswith("[00:00:00.") and "harbo" in first.lower() and more.startswith("# ... ")
 
 
 def test_a_file_done_by_one_transcriber_is_not_skipped_for_the_other(settings, whisper_settings, tmp_path):

@@ -188,7 +188,11 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
 
     # Whisper tiny.en wrote the transcripts (the default with the tiny model): the sentences said, timed by word
     transcript = json.loads(cluster["storage"].get_bytes(f"results/{podcast['media_id']}/transcript.json"))
-    assert (transcript["transcriber"], transcript["times"], podcast_manifest["transcriber"]) == ("whisper", "words", "whisper")
+    assert (transcript["transcriber"], transcript["times"], podcast_manifest["transcriber"]) == (
+        "whisper",
+        "words",
+        "whisper",
+    )
     said = " ".join(s["text"] for s in transcript["segments"])
     # (tiny.en on espeak-ng's voice: "Every utterance gets its own subtitle" is beyond it; quality bounds are in
     # tests/pipeline/test_whisper.py, on plainer sentences)

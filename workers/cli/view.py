@@ -74,13 +74,18 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     transcript.set_defaults(func=cmd_transcript)
 
 
-def cmd_transcript(args: argparse.Namespace) -> int:
-    """Print a finished job's transcript, and who wrote it."""
+def _results_of(args: argparse.Namespace) -> tuple[Settings, Storage, str]:
+    """The settings (with ``--out``), the store and the media id that ``args.target`` names."""
     settings = Settings()
     if args.out:
         settings = settings.model_copy(update={"storage_url": args.out})
     storage = open_storage(settings.storage_url, settings)
-    media_id = find_media_id(args.target, storage, settings)
+    return settings, storage, find_media_id(args.target, storage, settings)
+
+
+def cmd_transcript(args: argparse.Namespace) -> int:
+    """Print a finished job's transcript, and who wrote it."""
+    _, storage, media_id = _results_of(args)
     prefix = results_prefix(media_id)
     if args.json:
         print(storage.get_bytes(f"{prefix}/transcript.json").decode(), end="")
@@ -101,11 +106,7 @@ def cmd_transcript(args: argparse.Namespace) -> int:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Find the job's results, render its page and open or serve it."""
-    settings = Settings()
-    if args.out:
-        settings = settings.model_copy(update={"storage_url": args.out})
-    storage = open_storage(settings.storage_url, settings)
-    media_id = find_media_id(args.target, storage, settings)
+    settings, storage, media_id = _results_of(args)
     inputs = load_viewer_inputs(storage, media_id)
     if args.serve or not isinstance(storage, LocalStorage):
         return serve_viewer(inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open)
