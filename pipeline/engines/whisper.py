@@ -35,9 +35,12 @@ KNOWN_NAMES = frozenset({
     "large-v3", "large", "distil-large-v2", "distil-medium.en", "distil-small.en", "distil-large-v3",
     "distil-large-v3.5", "large-v3-turbo", "turbo",
 })  # fmt: skip
-CONTEXT_SECONDS = 0.5  # audio heard before the first and after the last utterance of a chunk
-NEAREST_SECONDS = 0.6  # a word in no utterance joins the nearest one within this; else it is dropped
-BEAM_SIZE = 5
+CONTEXT_SECONDS = 1.0  # audio heard before the first and after the last utterance of a chunk
+OPTIONS: dict[str, Any] = {
+    "beam_size": 5,
+    "temperature": 0.0,  # one decode, no sampled fallbacks: the same words every run
+    "condition_on_previous_text": False,
+}
 MULTILINGUAL_VOCABULARY = 51_865
 log = logging.getLogger(__name__)
 OBSERVERS: list[Callable[[float, float], None]] = []  # called after each call: (audio seconds heard, seconds taken)
@@ -200,11 +203,9 @@ class WhisperTranscriber:
             segments, _ = model.transcribe(
                 heard,
                 language=language or ("en" if not model.model.is_multilingual else None),
-                beam_size=BEAM_SIZE,
-                temperature=0.0,  # one decode, no sampled fallbacks: the same words every run
-                condition_on_previous_text=False,
                 word_timestamps=True,
                 vad_filter=False,  # the utterances are speech already
+                **OPTIONS,
             )
             words = [
                 Word(w.word, begin + float(w.start), begin + float(w.end), float(w.probability))
@@ -238,17 +239,17 @@ def speech_only(audio: np.ndarray, offset: float, utterances: Sequence[tuple[flo
 
 
 def assign_words(words: Sequence[Word], utterances: Sequence[tuple[float, float]]) -> list[Heard]:
-    """Each word into the utterance it was said in (the one it overlaps most; else the nearest within
-    :data:`NEAREST_SECONDS`; else it is dropped: Whisper wrote it over silence), its times kept inside that
+    """Each word into the utterance it was said in (the one it overlaps most), its times kept inside that
     utterance and after the word before it (Whisper often stretches a segment's last word over the silence
-    after it, and starts its first word early)."""
+    after it, and starts its first word early). A word that overlaps no utterance was written over silence
+    and is dropped: that is where Whisper's hallucinations go ("Thank you for watching", loops of it), which
+    one track of the bench had at the end of its window."""
     heard = [Heard(start, end, "") for start, end in utterances]
     raw: list[list[Word]] = [[] for _ in utterances]
     for word in words:
-        best, score = None, -NEAREST_SECONDS
+        best, score = None, 0.0
         for position, (start, end) in enumerate(utterances):
-            # how much of the word lies in the utterance (negative: how far it is from it)
-            overlap = min(word.end, end) - max(word.start, start)
+            overlap = min(word.end, end) - max(word.start, start)  # how much of the word lies in the utterance
             if overlap > score:
                 best, score = position, overlap
         if best is not None:

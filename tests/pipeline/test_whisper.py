@@ -87,7 +87,8 @@ def test_words_go_to_the_utterance_they_were_said_in():
         w(" week.", 2.6, 4.9, 0.8),  # stretched over the silence after: still the first utterance's
         w(" Buses", 6.1, 6.4, 0.9),
         w(" run", 6.4, 6.5, 0.9),
-        w(" hmm", 9.5, 9.8, 0.2),  # over silence, far from any speech: dropped
+        w(" Thank", 7.1, 7.3, 0.4),  # after the speech, over silence: Whisper's hallucination, dropped
+        w(" you", 9.5, 9.8, 0.2),
     ]
     first, second = whisper.assign_words(words, [(1.0, 3.0), (6.0, 7.0)])
     assert first.text == "The week." and [x.text for x in first.words] == ["The", "week."]
