@@ -45,12 +45,28 @@ def test_sounds_that_are_not_speech_hold_no_speech(kind):
     assert detect_speech(samples) == []
 
 
-def test_a_span_cut_by_a_block_boundary_is_joined(monkeypatch):
-    track = speech_track([SENTENCES[3]], [2.0], 8.0)
-    whole = detect_speech(track.samples)
-    monkeypatch.setattr(speech, "VAD_BLOCK_SECONDS", 3.0)  # the boundary at 3 s falls inside the sentence
-    assert len(whole) == 1 and len(detect_speech(track.samples)) == 1
-    assert abs(detect_speech(track.samples)[0][0] - whole[0][0]) < 0.05
+def _sequential(samples):
+    """Silero's own loop, one window at a time: what the batched blocks must match."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    found = get_speech_timestamps(
+        torch.from_numpy(samples.astype(np.float32) / 32768), speech._vad_model(), sampling_rate=SAMPLE_RATE,
+        min_speech_duration_ms=250, min_silence_duration_ms=100, speech_pad_ms=0,
+    )  # fmt: skip
+    return [(f["start"] / SAMPLE_RATE, f["end"] / SAMPLE_RATE) for f in found]
+
+
+@pytest.mark.parametrize(("block", "group"), [(8.0, 600.0), (3.0, 600.0), (3.0, 6.0)])
+def test_blocks_run_side_by_side_find_what_the_sequential_run_finds(monkeypatch, block, group):
+    # blocks of 3 s cut inside sentences; groups of 6 s send them to the model two at a time
+    track = speech_track(SENTENCES[:4], [0.2, 4.1, 9.0, 14.5], 20.0)
+    monkeypatch.setattr(speech, "BLOCK_SECONDS", block)
+    monkeypatch.setattr(speech, "GROUP_SECONDS", group)
+    batched, sequential = detect_speech(track.samples), _sequential(track.samples)
+    assert len(batched) == len(sequential) == 4
+    for (a, b), (c, d) in zip(batched, sequential, strict=True):
+        assert abs(a - c) <= 0.07 and abs(b - d) <= 0.07  # one or two 32 ms windows at most
 
 
 def test_close_spans_merge_and_long_runs_split_at_their_quietest_point():
