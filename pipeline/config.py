@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # Who writes the transcript (README "Transcribers"): Qwen3-Omni, or Whisper on CTranslate2 (words with times)
     transcriber: str = "auto"  # auto | omni | whisper
     whisper_model: str = Field(default="tiny.en", min_length=1, max_length=1024)  # tiny.en (bundled), folder, name
+    # omni transcripts: word times by forced alignment with the Whisper model, where it knows the language
+    align_words: bool = True
     whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on the CPU; or any CTranslate2 compute type
     transcript_max_new_tokens: int = Field(default=256, ge=1, le=8192)
     caption_max_new_tokens: int = Field(default=128, ge=1, le=8192)
@@ -203,6 +205,7 @@ OUTPUT_SETTINGS = (
     "language",
     "transcriber",
     "whisper_model",
+    "align_words",
     "chunk_seconds",
     "chunk_overlap_seconds",
     "silence_search_seconds",

@@ -9,6 +9,7 @@ once and their rows share ``generate`` calls.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,12 +25,14 @@ from pipeline import languages, prompts
 from pipeline.config import Settings
 from pipeline.engines import whisper
 from pipeline.engines.base import Engine, GenerationRequest
+from pipeline.errors import ModelError
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
 from pipeline.results.assemble import ChunkResult
 from pipeline.spec import JobPlan, chunk_prefix, get_json, language_key, pack_key, put_json, work_prefix
 from pipeline.storage import Storage
 
+log = logging.getLogger(__name__)
 LOAD_THREADS = 4  # chunk packs fetched and decoded at once by one call
 Row = tuple[int, str, GenerationRequest, tuple[float, float] | None]  # chunk, kind, request, utterance span
 
@@ -180,6 +183,23 @@ def whisper_for(settings: Settings) -> whisper.WhisperTranscriber:
     return whisper.transcriber(settings.whisper_model, settings.device, settings.whisper_compute_type)
 
 
+def _align_rows(
+    asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str, results: dict[int, ChunkResult]
+) -> None:
+    """Word times for Qwen3-Omni's transcript segments, by forced alignment (in Whisper's thread)."""
+    for item in media:
+        result = results[item.chunk.index]
+        if item.audio is None or not result.segments:
+            continue
+        started = time.perf_counter()
+        spans = [(s["start"], s["end"], s["text"]) for s in result.segments]
+        for segment, words in zip(
+            result.segments, asr.align(item.audio, item.chunk.media_start, spans, language), strict=True
+        ):
+            segment["words"] = [w.to_dict() for w in words]
+        result.asr_seconds += time.perf_counter() - started
+
+
 def _whisper_rows(
     asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str | None, results: dict[int, ChunkResult]
 ) -> None:
@@ -262,6 +282,12 @@ def _infer_group(
         finally:
             if heard is not None:
                 heard.result()  # Whisper's rows (an error there fails the unit like a model error)
+        if heard is None and speaks and settings.align_words and whisper.can_align(settings.whisper_model, language):
+            asr = whisper_for(settings)
+            try:
+                asr.submit(_align_rows, asr, media, language, results).result()
+            except (ModelError, RuntimeError) as error:  # word times are extra: the transcript stands without them
+                log.warning("word alignment with whisper %s failed; utterance times only: %s", asr.name, error)
         del media, requests  # the decoded frames and audio go before the text-only summaries
     summaries: list[Row] = [
         (

@@ -36,6 +36,7 @@ KNOWN_NAMES = frozenset({
     "distil-large-v3.5", "large-v3-turbo", "turbo",
 })  # fmt: skip
 CONTEXT_SECONDS = 1.0  # audio heard before the first and after the last utterance of a chunk
+PREPENDED, APPENDED = "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、"  # noqa: RUF001 - faster-whisper's own
 OPTIONS: dict[str, Any] = {
     "beam_size": 5,
     "temperature": 0.0,  # one decode, no sampled fallbacks: the same words every run
@@ -219,6 +220,54 @@ class WhisperTranscriber:
             observe(len(heard) / SAMPLE_RATE, seconds)
         return assign_words(words, utterances)
 
+    def align(
+        self, audio: np.ndarray, offset: float, segments: Sequence[tuple[float, float, str]], language: str
+    ) -> list[list[Word]]:
+        """Word times for text someone else wrote (Qwen3-Omni): each ``(start, end, text)`` segment's words
+        aligned against its audio by Whisper's cross-attention (the DTW behind its own word timestamps, as
+        stable-ts ``align`` does), inside the segment and in order. One list per segment (empty for no text)."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import merge_punctuations
+
+        model = self.load()
+        tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
+        started, heard, out = time.monotonic(), 0.0, []
+        for start, end, text in segments:
+            first = max(0, round((start - offset) * SAMPLE_RATE))
+            clip = np.asarray(audio[first : max(first, round((end - offset) * SAMPLE_RATE))], dtype=np.float32)
+            tokens = tokenizer.encode(" " + text.strip()) if text.strip() else []
+            if not tokens or len(clip) < SAMPLE_RATE // 10:
+                out.append([])
+                continue
+            features = model.feature_extractor(clip)
+            encoded = model.encode(pad_or_trim(features))
+            found = model.find_alignment(tokenizer, [tokens], encoded, features.shape[-1])[0]
+            merge_punctuations(found, PREPENDED, APPENDED)  # "week" "." -> "week." (faster-whisper's own rule)
+            begin = offset + first / SAMPLE_RATE
+            words = [
+                Word(w["word"], begin + float(w["start"]), begin + float(w["end"]), float(w["probability"]))
+                for w in found
+                if w["word"].strip()
+            ]
+            out.append(assign_words(words, [(start, end)])[0].words if words else [])
+            heard += len(clip) / SAMPLE_RATE
+        for observe in OBSERVERS:
+            observe(heard, time.monotonic() - started)
+        return out
+
+
+def can_align(name: str, language: str | None) -> bool:
+    """Whether model ``name`` can time the words of a transcript in ``language`` (by forced alignment):
+    an English-only model only English; a multilingual one the languages Whisper knows."""
+    if not language:
+        return False
+    if english_only(name):
+        return language == "en"
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return language in _LANGUAGE_CODES
+
 
 def speech_only(audio: np.ndarray, offset: float, utterances: Sequence[tuple[float, float]]) -> np.ndarray:
     """``audio`` with everything outside ``utterances`` silenced (a 10 ms fade at each edge, no clicks)."""
@@ -249,7 +298,8 @@ def assign_words(words: Sequence[Word], utterances: Sequence[tuple[float, float]
     for word in words:
         best, score = None, 0.0
         for position, (start, end) in enumerate(utterances):
-            overlap = min(word.end, end) - max(word.start, start)  # how much of the word lies in the utterance
+            # how much of the word lies in the utterance (a word of no length inside it counts)
+            overlap = min(word.end, end) - max(word.start, start) + 1e-6
             if overlap > score:
                 best, score = position, overlap
         if best is not None:

@@ -127,6 +127,7 @@ def finalize(
         "whisper_model": settings.whisper_model if transcriber == "whisper" else None,
         # "words": each segment has its words' times; "utterances": only each segment's start and end
         "times": transcript["times"],
+        "word_times": _word_times(settings, transcriber, language, transcript["times"], bool(segments)),
         "speech_s": round(sum(b - a for a, b in job_plan.speech or []), 3),
         "segments": len(segments),
         "cues": len(subtitles),
@@ -145,6 +146,27 @@ def finalize(
     if not settings.keep_work:
         storage.delete_prefix(work_prefix(spec.job_id))
     return manifest
+
+
+def _word_times(settings: Settings, transcriber: str, language: str | None, times: str, speech: bool) -> str | None:
+    """Who timed the transcript's words, or why nobody did (``None`` without speech)."""
+    from pipeline.engines import whisper
+
+    model = settings.whisper_model
+    if not speech:
+        return None
+    if transcriber == "whisper":
+        return f"whisper {model}"
+    if times == "words":
+        return f"aligned by whisper {model}"
+    if not settings.align_words:
+        return "none: utterance times only (OMNIQ_ALIGN_WORDS is off)"
+    if not whisper.can_align(model, language):
+        return (
+            f"none: utterance times only (whisper {model} cannot align {language or 'an unknown language'}; "
+            "set OMNIQ_WHISPER_MODEL to a multilingual model such as large-v3)"
+        )
+    return "none: utterance times only (the aligner found no words or could not run: see the GPU worker's log)"
 
 
 def _language(settings: Settings, storage: Storage, job_id: str) -> tuple[str | None, str | None]:

@@ -273,9 +273,10 @@ def test_many_files_share_batches_and_the_next_ingest_overlaps_inference(setting
     assert "missing.mp4" in outcomes[3].error
     # rows of different files share generate calls: 6 files x (transcript, caption, summary), each clip speaking
     # one sentence from its start. A batch holds one kind of row and a file has one row of each kind, so a batch
-    # of 2 or more holds rows of as many files. (Files arrive one ingest at a time, and speech detection made
-    # ingest slower beside inference on 2 cores: 10-11 calls with at most 2-4 rows, measured over 12 runs.)
-    assert sum(sizes) == 18 and max(sizes) >= 2 and len(sizes) <= 12, str(sizes)
+    # of 2 or more holds rows of as many files. (Files arrive one ingest at a time: 10-11 calls with at most 2-4
+    # rows over 12 runs when speech detection was slow; 15 calls of at most 2 rows in every run since it is 6x
+    # faster and the tiny model's rows rarely wait for a later file's.)
+    assert sum(sizes) == 18 and max(sizes) >= 2 and len(sizes) <= 16, str(sizes)
     # one ingest at a time, and ingests ran while other files were being inferred
     ingests = sorted(spans["ingest"], key=lambda s: s[1])
     assert all(a[2] <= b[1] + 1e-3 for a, b in zip(ingests, ingests[1:])), "ingests overlapped each other"

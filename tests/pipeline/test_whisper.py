@@ -80,6 +80,46 @@ def test_audio_that_holds_no_speech_gets_no_words(asr, track):
     assert item.words == [] or all(2.0 <= w.start <= w.end <= 3.0 for w in item.words)
 
 
+def test_text_someone_else_wrote_is_aligned_to_the_speech(asr, track):
+    # how an omni transcript gets word times: Qwen3-Omni's text, aligned by Whisper (here the true text)
+    audio = track.samples.astype(np.float32) / 32768
+    segments = [(a, b, text) for (a, b), text in zip(_utterances(track), TEXTS, strict=True)]
+    aligned = asr.align(audio, 0.0, segments, "en")
+    onsets = []
+    for (start, end, text), words, truth in zip(segments, aligned, track.words, strict=True):
+        assert " ".join(w.text for w in words) == text  # every word of the text, as written
+        assert all(start <= w.start <= w.end <= end for w in words)
+        assert all(a.end <= b.start for a, b in zip(words, words[1:], strict=False))
+        onsets += evaluation.onset_errors(truth, [(w.text, w.start) for w in words])
+    assert len(onsets) >= 0.9 * sum(len(t) for t in track.words)
+    assert statistics.median(onsets) <= 0.2 and np.percentile(onsets, 95) <= 0.5  # measured 0.09 / 0.17 s
+    assert asr.align(audio, 0.0, [(1.0, 2.0, "")], "en") == [[]]
+
+
+def test_an_omni_transcript_gets_word_times_where_the_aligner_knows_its_language(settings, tmp_path):
+    track = speech_track(TEXTS[:2], [0.5, 6.0], 11.0)
+    path = make_sample(tmp_path / "talk.mp4", 11.0, track=track, size="160x120")
+    storage = LocalStorage(tmp_path / "store")
+    english = settings.model_copy(update={"language": "en"})
+    for config, times in ((english, "words"), (english.model_copy(update={"align_words": False}), "utterances")):
+        outcome = run_job(str(path), config, storage, OmniEngine(config))
+        assert outcome.status == "done", outcome.error
+        result = tmp_path / "store" / "results" / outcome.media_id
+        transcript = json.loads((result / "transcript.json").read_text())
+        manifest = json.loads((result / "manifest.json").read_text())
+        assert transcript["transcriber"] == "omni" and transcript["times"] == manifest["times"] == times
+        if times == "words":  # the random model's text, each word timed inside its segment
+            assert manifest["word_times"] == "aligned by whisper tiny.en"
+            for segment in transcript["segments"]:
+                assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+        else:
+            assert manifest["word_times"].startswith("none: utterance times only (OMNIQ_ALIGN_WORDS is off")
+    german = settings.model_copy(update={"language": "de"})  # tiny.en cannot align German: it says so
+    outcome = run_job(str(path), german, storage, OmniEngine(german))
+    manifest = json.loads((tmp_path / "store" / "results" / outcome.media_id / "manifest.json").read_text())
+    assert manifest["times"] == "utterances" and "cannot align de" in manifest["word_times"]
+
+
 def test_words_go_to_the_utterance_they_were_said_in():
     w = whisper.Word
     words = [
