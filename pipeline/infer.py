@@ -25,7 +25,7 @@ from pipeline import languages, prompts
 from pipeline.config import Settings
 from pipeline.engines import whisper
 from pipeline.engines.base import Engine, GenerationRequest
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
 from pipeline.results.assemble import ChunkResult
@@ -283,11 +283,13 @@ def _infer_group(
             if heard is not None:
                 heard.result()  # Whisper's rows (an error there fails the unit like a model error)
         if heard is None and speaks and settings.align_words and whisper.can_align(settings.whisper_model, language):
-            asr = whisper_for(settings)
             try:
+                asr = whisper_for(settings)
                 asr.submit(_align_rows, asr, media, language, results).result()
-            except (ModelError, RuntimeError) as error:  # word times are extra: the transcript stands without them
-                log.warning("word alignment with whisper %s failed; utterance times only: %s", asr.name, error)
+            except (ConfigError, ModelError, RuntimeError) as error:  # word times are extra: the text stands
+                log.warning(
+                    "word alignment with whisper %s failed; utterance times only: %s", settings.whisper_model, error
+                )
         del media, requests  # the decoded frames and audio go before the text-only summaries
     summaries: list[Row] = [
         (

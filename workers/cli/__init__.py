@@ -32,16 +32,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def check_transcriber(settings: Settings, *, load: bool = True) -> None:
-    """Refuse a Whisper model that is not there, or an English-only one asked for another language, before any
-    job starts. ``load``: the model must be found on this machine (not so for a producer, whose workers load it).
+    """Refuse a Whisper model that is not there (it transcribes, or aligns Qwen3-Omni's words), or an English-only
+    one asked to transcribe another language, before any job starts. ``load``: the model must be found on this
+    machine (not so for a producer: its workers load it).
     """
-    if settings.transcriber_name != "whisper":
-        return
     from pipeline.engines import whisper
 
-    if load:
+    uses_whisper = settings.transcriber_name == "whisper"
+    if load and (uses_whisper or settings.align_words):  # it also times the words of Qwen3-Omni's transcripts
         whisper.model_location(settings.whisper_model)
-    whisper.check_language(settings.whisper_model, settings.language)
+    if uses_whisper:
+        whisper.check_language(settings.whisper_model, settings.language)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
