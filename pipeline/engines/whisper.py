@@ -148,10 +148,6 @@ class WhisperTranscriber:
         self._lock = threading.Lock()
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="omniq-whisper")
 
-    @property
-    def english_only(self) -> bool:
-        return not self.load().model.is_multilingual
-
     def load(self) -> Any:
         with self._lock:
             if self._model is None:
@@ -197,8 +193,8 @@ class WhisperTranscriber:
         model = self.load()
         first = max(0, round((utterances[0][0] - CONTEXT_SECONDS - offset) * SAMPLE_RATE))
         last = min(len(audio), round((utterances[-1][1] + CONTEXT_SECONDS - offset) * SAMPLE_RATE))
-        heard = speech_only(audio, offset, utterances)[first:last]
         begin = offset + first / SAMPLE_RATE
+        heard = speech_only(audio[first:last], begin, utterances)
         started = time.monotonic()
         try:
             segments, _ = model.transcribe(

@@ -111,7 +111,7 @@ def finalize(
     all_timings = {**job_plan.timings, **(timings or {})}
     all_timings["model_s"] = round(sum(c.model_seconds for c in chunks) + float(summary.get("seconds", 0)), 3)
     all_timings["prepare_s"] = round(sum(c.prepare_seconds for c in chunks), 3)
-    if transcriber == "whisper":
+    if any(c.asr_seconds for c in chunks):  # Whisper's time: transcribing, or aligning Qwen3-Omni's words
         all_timings["asr_s"] = round(sum(c.asr_seconds for c in chunks), 3)
     all_timings["finalize_s"] = round(time.monotonic() - started, 3)
     manifest = _base_manifest(spec, settings) | {
