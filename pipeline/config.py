@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     soft_shutdown_seconds: float = Field(default=8.0, ge=0)  # SIGTERM: finish within this, then hand tasks back
     # The broker's last resort: Redis redelivers an unacknowledged message after this long (leases come first).
     visibility_timeout_seconds: int = Field(default=6 * 3600, ge=60)
+    # A row (a chunk's transcript, caption or summary, or the file summary) that fails for good leaves a gap and
+    # the job ends "partial" with every good row published (README "Partial results"); false: the job fails
+    partial: bool = True
+    # Fault injection for tests (pipeline/failpoints.py): NAME=ACTION[:key=value...];... Off when empty.
+    failpoints: str = ""
     flower_basic_auth: SecretStr | None = None  # "user:password" for omniq flower
     metrics_basic_auth: SecretStr | None = None  # "user:password" for a metrics port beyond loopback
     # Signed queue messages (README "Security"): this process's key and certificate (PEM), and the folder of the
@@ -129,6 +134,14 @@ class Settings(BaseSettings):
                 "(a private key, its certificate and a folder of trusted certificates), or none of them"
             )
         return self
+
+    @field_validator("failpoints")
+    @classmethod
+    def _failpoints_parse(cls, value: str) -> str:
+        from pipeline.failpoints import parse
+
+        parse(value)  # a ValueError names the part that does not parse
+        return value
 
     @field_validator("transcriber")
     @classmethod

@@ -38,3 +38,12 @@ class SourceNotFound(PermanentError):
 class MalformedMessage(PermanentError):
     """A queue message (or a job record) that omniq did not write: wrong fields, ids that do not match, or an
     input it may not read. Workers drop it (README "Security")."""
+
+
+class RowFailed(PermanentError):
+    """A row of a job's results failed for good and ``OMNIQ_PARTIAL`` is off: the whole job fails with its reason."""
+
+
+def error_text(error: BaseException | str) -> str:
+    """How a failure is recorded: ``Type: message`` for an exception, the text itself otherwise."""
+    return error if isinstance(error, str) else f"{type(error).__name__}: {error}"

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import languages, prompts
+from pipeline import failpoints, languages, prompts
 from pipeline.config import Settings
 from pipeline.engines import whisper
-from pipeline.engines.base import Engine, GenerationRequest
-from pipeline.errors import ConfigError, ModelError
+from pipeline.engines.base import Engine, GenerationRequest, GenerationResult
+from pipeline.errors import ConfigError, ModelError, RowFailed, TransientError, error_text
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
 from pipeline.results.assemble import ChunkResult
@@ -186,16 +186,16 @@ def whisper_for(settings: Settings) -> whisper.WhisperTranscriber:
 def _align_rows(
     asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str, results: dict[int, ChunkResult]
 ) -> None:
-    """Word times for Qwen3-Omni's transcript segments, by forced alignment (in Whisper's thread)."""
+    """Word times for Qwen3-Omni's transcript segments, by forced alignment (in Whisper's thread); segments kept
+    from an earlier run have theirs."""
     for item in media:
         result = results[item.chunk.index]
-        if item.audio is None or not result.segments:
+        todo = [s for s in result.segments if "words" not in s]
+        if item.audio is None or not todo:
             continue
         started = time.perf_counter()
-        spans = [(s["start"], s["end"], s["text"]) for s in result.segments]
-        for segment, words in zip(
-            result.segments, asr.align(item.audio, item.chunk.media_start, spans, language), strict=True
-        ):
+        spans = [(s["start"], s["end"], s["text"]) for s in todo]
+        for segment, words in zip(todo, asr.align(item.audio, item.chunk.media_start, spans, language), strict=True):
             segment["words"] = [w.to_dict() for w in words]
         result.asr_seconds += time.perf_counter() - started
 
@@ -203,18 +203,88 @@ def _align_rows(
 def _whisper_rows(
     asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str | None, results: dict[int, ChunkResult]
 ) -> None:
-    """Whisper's transcript of each chunk's utterances into ``results`` (in Whisper's thread)."""
+    """Whisper's transcript of each chunk's utterances into ``results`` (in Whisper's thread). A chunk Whisper
+    cannot transcribe is a failed row of its own; a transient error stops the unit (it is retried)."""
     for item in media:
         if not item.utterances or item.audio is None:
             continue
         started = time.perf_counter()
-        heard = asr.transcribe(item.audio, item.chunk.media_start, item.utterances, language)
         result = results[item.chunk.index]
-        result.asr_seconds += time.perf_counter() - started
+        try:
+            failpoints.hit("infer.row", chunk=item.chunk.index, kind=prompts.TRANSCRIPT)
+            heard = asr.transcribe(item.audio, item.chunk.media_start, item.utterances, language)
+        except TransientError:
+            raise
+        except Exception as error:
+            _row_failed(result, prompts.TRANSCRIPT, error, (item.utterances[0][0], item.utterances[-1][1]))
+            continue
+        finally:
+            result.asr_seconds += time.perf_counter() - started
         result.segments = [
             {"start": h.start, "end": h.end, "text": h.text, "words": [w.to_dict() for w in h.words]} for h in heard
         ]
         result.transcript = " ".join(h.text for h in heard if h.text)
+
+
+@dataclass
+class Rows:
+    """The rows of one chunk still to run: Qwen3-Omni's transcript rows (one per utterance), or Whisper's transcript
+    of the chunk, its caption, and its summary (which reads the others)."""
+
+    utterances: list[tuple[float, float]]
+    whisper: bool
+    caption: bool
+    summary: bool
+
+
+def chunk_utterances(job_plan: JobPlan, chunk: Chunk) -> list[tuple[float, float]]:
+    """The speech in ``chunk`` as the plan knows it (file times)."""
+    if job_plan.speech is None:
+        return [(chunk.start, chunk.end)] if job_plan.info.has_audio else []
+    return speech.within([(a, b) for a, b in job_plan.speech], chunk.start, chunk.end)
+
+
+def rows_to_run(job_plan: JobPlan, chunk: Chunk, by_whisper: bool, kept: ChunkResult | None = None) -> Rows:
+    """Every row of a new chunk, or only the failed rows of one kept from an earlier run (``by_whisper``: Whisper
+    writes the transcript)."""
+    if kept is None:
+        utterances = chunk_utterances(job_plan, chunk)
+        return Rows([] if by_whisper else utterances, by_whisper and bool(utterances), True, True)
+    failed = kept.failed(prompts.TRANSCRIPT)
+    utterances = [] if by_whisper else [(float(e["start"]), float(e["end"])) for e in failed]
+    return Rows(utterances, by_whisper and bool(failed), bool(kept.failed("caption")), bool(kept.failed("summary")))
+
+
+def fail_rows(result: ChunkResult, rows: Rows, reason: str, job_plan: JobPlan) -> None:
+    """Record every row in ``rows`` as failed with ``reason`` (a chunk that cannot be decoded, or a unit that gave
+    up)."""
+    chunk = job_plan.chunks[result.index]
+    for span in rows.utterances:
+        result.fail(prompts.TRANSCRIPT, reason, span)
+    if rows.whisper:
+        spans = chunk_utterances(job_plan, chunk)
+        result.fail(prompts.TRANSCRIPT, reason, (spans[0][0], spans[-1][1]) if spans else None)
+    if rows.caption and (job_plan.info.has_video or job_plan.info.has_audio):
+        result.fail("caption", reason)
+    if rows.summary:
+        result.fail("summary", reason)
+
+
+def _row_failed(
+    result: ChunkResult, kind: str, error: BaseException | str, span: tuple[float, float] | None = None
+) -> None:
+    reason = error_text(error)
+    log.warning("chunk %d: the %s row failed for good: %s", result.index, kind, reason)
+    result.fail(kind, reason, span)
+
+
+def result_key(job_id: str, index: int) -> str:
+    return f"{chunk_prefix(job_id, index)}/result.json"
+
+
+def kept_key(job_id: str, index: int) -> str:
+    """Where a new run of a job keeps a chunk result with failed rows while it runs them again."""
+    return f"{chunk_prefix(job_id, index)}/kept.json"
 
 
 def infer_chunks(
@@ -227,22 +297,37 @@ def infer_chunks(
 ) -> list[ChunkResult]:
     """Transcribe, caption and summarise the given chunks in batched ``generate`` calls.
 
-    A chunk whose result is already stored is not run again (redelivered tasks cost nothing). Its result is
-    stored before this returns: a queue message is acknowledged only after that.
+    A chunk whose result is already stored is not run again (redelivered tasks cost nothing); a chunk kept from
+    an earlier run (:func:`reopen_failed`) runs only its failed rows. Its result is stored before this returns: a
+    queue message is acknowledged only after that. A row that fails for good is recorded in its chunk's
+    ``errors`` (or, with ``OMNIQ_PARTIAL`` off, fails the call with :class:`RowFailed`).
     """
     job_id = job_plan.spec.job_id
     done: dict[int, ChunkResult] = {}
+    kept: dict[int, ChunkResult] = {}
     todo: list[int] = []
     for index in indices:
-        key = f"{chunk_prefix(job_id, index)}/result.json"
-        if storage.exists(key):
-            done[index] = ChunkResult.from_dict(get_json(storage, key))
-        else:
-            todo.append(index)
+        if storage.exists(result_key(job_id, index)):
+            done[index] = ChunkResult.from_dict(get_json(storage, result_key(job_id, index)))
+            continue
+        if index in job_plan.reopened and storage.exists(kept_key(job_id, index)):
+            kept[index] = ChunkResult.from_dict(get_json(storage, kept_key(job_id, index)))
+        todo.append(index)
     step = budget.total if budget else len(todo)  # never hold more decoded chunks than the budget
     for first in range(0, len(todo), step):
-        done.update(_infer_group(job_plan, todo[first : first + step], engine, storage, settings, budget))
+        group = todo[first : first + step]
+        done.update(_infer_group(job_plan, group, engine, storage, settings, budget, kept))
     return [done[index] for index in indices]
+
+
+def _load_or_error(storage: Storage, job_plan: JobPlan, index: int, settings: Settings) -> ChunkMedia | Exception:
+    """A chunk's media, or why it cannot be decoded (a transient error is raised: the unit is retried)."""
+    try:
+        return load_chunk_media(storage, job_plan, index, settings)
+    except TransientError:
+        raise
+    except Exception as error:  # a pack that does not unpack, frames that do not decode: its rows fail
+        return error
 
 
 def _infer_group(
@@ -252,26 +337,41 @@ def _infer_group(
     storage: Storage,
     settings: Settings,
     budget: ChunkBudget | None,
+    kept: dict[int, ChunkResult],
 ) -> dict[int, ChunkResult]:
+    results: dict[int, ChunkResult] = {}
+    plans: dict[int, Rows] = {}
+    for index in todo:
+        chunk = job_plan.chunks[index]
+        plans[index] = rows_to_run(job_plan, chunk, settings.transcriber_name == "whisper", kept.get(index))
+        results[index] = kept[index] if index in kept else ChunkResult(index, chunk.start, chunk.end)
+        results[index].errors = []  # the rows that failed are the ones run now
     with budget.reserve(len(todo)) if budget else _nothing() as held:
         with ThreadPoolExecutor(min(len(todo), LOAD_THREADS), thread_name_prefix="omniq-load") as loaders:
-            media = list(loaders.map(lambda index: load_chunk_media(storage, job_plan, index, settings), todo))
-        results = {m.chunk.index: ChunkResult(m.chunk.index, m.chunk.start, m.chunk.end) for m in media}
-        for item in media:
-            results[item.chunk.index].prepare_seconds += item.seconds
-        speaks = any(m.utterances for m in media)
-        language = file_language(job_plan, engine, storage, settings, media) if speaks else None
+            loaded = list(loaders.map(lambda index: _load_or_error(storage, job_plan, index, settings), todo))
+        media: list[ChunkMedia] = []
+        for index, item in zip(todo, loaded, strict=True):
+            if isinstance(item, ChunkMedia):
+                media.append(item)
+                results[index].prepare_seconds += item.seconds
+            else:
+                log.warning("chunk %d of job %s cannot be decoded: %s", index, job_plan.spec.job_id, item)
+                fail_rows(results[index], plans[index], f"its media cannot be decoded: {error_text(item)}", job_plan)
+        speaks = any(m.utterances for m in media if plans[m.chunk.index].utterances or plans[m.chunk.index].whisper)
+        language = _language_or_none(job_plan, engine, storage, settings, media) if speaks else None
         requests: list[Row] = []
         heard: Future[None] | None = None
-        if settings.transcriber_name == "whisper" and speaks:  # Whisper writes the transcript, beside the model
+        by_whisper = [m for m in media if plans[m.chunk.index].whisper]
+        if by_whisper:  # Whisper writes the transcript, beside the model
             asr = whisper_for(settings)
-            heard = asr.submit(_whisper_rows, asr, media, language, results)
+            heard = asr.submit(_whisper_rows, asr, by_whisper, language, results)
         for item in media:
-            for start, end in item.utterances if heard is None else ():  # one row per utterance: its speech's times
+            rows = plans[item.chunk.index]
+            for start, end in rows.utterances:  # one row per utterance: its speech's times
                 tokens = prompts.transcript_tokens(end - start, settings.transcript_max_new_tokens)
                 request = prompts.transcript_request(item.clip(start, end), language, tokens)
                 requests.append((item.chunk.index, prompts.TRANSCRIPT, request, (start, end)))
-            if item.frames is not None or item.audio is not None:
+            if rows.caption and (item.frames is not None or item.audio is not None):
                 request = prompts.caption_request(
                     item.frames, job_plan.fps, item.audio, settings.caption_max_new_tokens
                 )
@@ -281,34 +381,99 @@ def _infer_group(
             _run(engine, requests, results, streams, prepared=held.release)
         finally:
             if heard is not None:
-                heard.result()  # Whisper's rows (an error there fails the unit like a model error)
-        if heard is None and speaks and settings.align_words and whisper.can_align(settings.whisper_model, language):
+                heard.result()  # Whisper's rows (a transient error there retries the unit like a model error)
+        omni_spoken = [m for m in media if plans[m.chunk.index].utterances]
+        if omni_spoken and settings.align_words and whisper.can_align(settings.whisper_model, language):
             try:
                 asr = whisper_for(settings)
-                asr.submit(_align_rows, asr, media, language, results).result()
+                asr.submit(_align_rows, asr, omni_spoken, language, results).result()
             except (ConfigError, ModelError, RuntimeError) as error:  # word times are extra: the text stands
                 log.warning(
                     "word alignment with whisper %s failed; utterance times only: %s", settings.whisper_model, error
                 )
-        del media, requests  # the decoded frames and audio go before the text-only summaries
-    summaries: list[Row] = [
-        (
-            index,
-            prompts.CHUNK_SUMMARY,
-            prompts.chunk_summary_request(
-                r.start, r.end, r.transcript, r.visual, r.audio, settings.summary_max_new_tokens
-            ),
-            None,
+        del media, requests, loaded  # the decoded frames and audio go before the text-only summaries
+    summaries: list[Row] = []
+    for index, result in results.items():
+        result.segments.sort(key=lambda s: (s["start"], s["end"]))  # rows run again come back last
+        result.transcript = " ".join(s["text"] for s in result.segments if s["text"])
+        if not plans[index].summary or result.failed("summary"):  # not to run, or failed with its chunk already
+            continue
+        missing = sorted({e["kind"] for e in result.errors})
+        if missing:  # the summary reads the chunk's transcript and caption: it waits for them
+            result.fail("summary", f"not written: this chunk's {' and '.join(missing)} failed")
+            continue
+        request = prompts.chunk_summary_request(
+            result.start, result.end, result.transcript, result.visual, result.audio, settings.summary_max_new_tokens
         )
-        for index, r in results.items()
-    ]
+        summaries.append((index, prompts.CHUNK_SUMMARY, request, None))
     _run(engine, summaries, results, streams)
+    failed = [(index, e) for index, r in results.items() for e in r.errors]
+    if failed and not settings.partial:
+        index, first = failed[0]
+        raise RowFailed(f"the {first['kind']} row of chunk {index} failed: {first['reason']} (OMNIQ_PARTIAL is off)")
     for index, result in results.items():
         # checked absent above: one PUT, no compare-first (3 requests per chunk in all, with the pack's GET)
-        put_json(
-            storage, f"{chunk_prefix(job_plan.spec.job_id, index)}/result.json", result.to_dict(), if_changed=False
-        )
+        put_json(storage, result_key(job_plan.spec.job_id, index), result.to_dict(), if_changed=False)
     return results
+
+
+def _language_or_none(
+    job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings, media: Sequence[ChunkMedia]
+) -> str | None:
+    """:func:`file_language`; a detection that fails for good leaves the transcript rows without a language hint."""
+    try:
+        return file_language(job_plan, engine, storage, settings, media)
+    except TransientError:
+        raise
+    except Exception as error:
+        log.warning("language detection for job %s failed; no language hint: %s", job_plan.spec.job_id, error)
+        return None
+
+
+def reopen_failed(job_plan: JobPlan, storage: Storage) -> list[int]:
+    """Before a new run of a job whose work was kept (it ended ``partial``): set aside each chunk result that has
+    failed rows (``kept.json``: its good rows stay, only the failed ones run again) and drop a file summary that
+    missed chunks or failed. Returns the chunks reopened; safe to call twice."""
+    job_id = job_plan.spec.job_id
+    stored = set(storage.list_keys(f"{work_prefix(job_id)}/chunks"))
+    reopened = []
+    for chunk in job_plan.chunks:
+        key = result_key(job_id, chunk.index)
+        if key not in stored:
+            continue
+        document = get_json(storage, key)
+        if ChunkResult.from_dict(document).errors:
+            put_json(storage, kept_key(job_id, chunk.index), document)
+            storage.delete(key)
+            reopened.append(chunk.index)
+    summary = f"{work_prefix(job_id)}/summary.json"
+    if storage.exists(summary):
+        document = get_json(storage, summary)
+        if reopened or document.get("error") or document.get("chunks_missing"):
+            storage.delete(summary)
+    return reopened
+
+
+def fail_chunks(job_plan: JobPlan, indices: list[int], reason: str, storage: Storage) -> list[int]:
+    """Store the chunks of ``indices`` that have no result yet with every row still to run failed with ``reason``
+    (a unit that gave up: its retries are spent, or it took its worker down too often). Returns those chunks."""
+    written = []
+    job_id = job_plan.spec.job_id
+    by_whisper = job_plan.spec.config.get("transcriber") == "whisper"
+    for index in indices:
+        if storage.exists(result_key(job_id, index)):
+            continue
+        chunk = job_plan.chunks[index]
+        kept = None
+        if index in job_plan.reopened and storage.exists(kept_key(job_id, index)):
+            kept = ChunkResult.from_dict(get_json(storage, kept_key(job_id, index)))
+        result = kept or ChunkResult(index, chunk.start, chunk.end)
+        rows = rows_to_run(job_plan, chunk, by_whisper, kept)
+        result.errors = []
+        fail_rows(result, rows, reason, job_plan)
+        put_json(storage, result_key(job_id, index), result.to_dict())
+        written.append(index)
+    return written
 
 
 def infer_file(
@@ -343,56 +508,116 @@ def _run(
     prepared: Callable[[], None] | None = None,
 ) -> None:
     """Run ``requests`` and put the answers into ``results``; ``prepared`` is called once all of them have
-    been turned into model inputs (a pipelined engine does that before generating; others when done)."""
+    been turned into model inputs (a pipelined engine does that before generating; others when done).
+
+    A row that raises is recorded as failed in its chunk's result; a transient error is raised (the unit retries).
+    """
     if not requests:
         return
-    from pipeline.engines.pipelined import PipelinedEngine
-
-    batch = [request for _, _, request, _ in requests]
-    if isinstance(engine, PipelinedEngine):
-        answers = engine.generate(batch, prepared=prepared)
-    else:
-        answers = engine.generate(batch)
-    for (index, kind, _, span), answer in zip(requests, answers, strict=True):
+    for index, _, request, _ in requests:
+        request.chunk = index  # for logs and failpoints
+    outcomes = generate_each(engine, [request for _, _, request, _ in requests], prepared)
+    transient = next((o for o in outcomes if isinstance(o, TransientError)), None)
+    if transient is not None:
+        raise transient
+    for (index, kind, _, span), answer in zip(requests, outcomes, strict=True):
         result = results[index]
+        if isinstance(answer, BaseException):
+            _row_failed(result, prompts.row_kind(kind) or kind, answer, span)
+            continue
         result.new_tokens += answer.new_tokens
         share = max(answer.batch_size, 1)
         result.model_seconds += answer.seconds / share
         result.prepare_seconds += answer.prepare_seconds / share
         if kind == prompts.TRANSCRIPT and span is not None:
             result.segments.append({"start": span[0], "end": span[1], "text": answer.text.strip()})
-            result.transcript = " ".join(s["text"] for s in result.segments if s["text"])
         elif kind == prompts.CAPTION:
             result.visual, result.audio = prompts.parse_caption(answer.text, *streams[index])
         else:
             result.summary = answer.text.strip()
 
 
+def generate_each(
+    engine: Engine, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
+) -> list[GenerationResult | BaseException]:
+    """Each request's answer, or the exception it alone raised (a transient error of the batch is raised)."""
+    from pipeline.engines.pipelined import PipelinedEngine
+
+    if isinstance(engine, PipelinedEngine):
+        return engine.generate_each(requests, prepared=prepared)
+    try:
+        return list(engine.generate(requests))
+    except TransientError:
+        raise
+    except Exception as error:
+        if len(requests) == 1:
+            return [error]
+    outcomes: list[GenerationResult | BaseException] = []
+    for request in requests:  # one bad row: find it, keep the others
+        try:
+            outcomes.extend(engine.generate([request]))
+        except TransientError:
+            raise
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
 def summarize(job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings) -> dict[str, Any]:
     """The file summary from the chunk summaries; stored at ``work/<job>/summary.json``.
 
-    A file of one chunk takes its chunk's summary as is: a second model call would only restate it.
+    A file of one chunk takes its chunk's summary as is: a second model call would only restate it. Chunks whose
+    summary failed are left out (``chunks_missing``: a new run of the job writes the summary again); a file
+    summary that cannot be written is recorded with its ``error`` (or, with ``OMNIQ_PARTIAL`` off, raised).
     """
     key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
     if storage.exists(key):
         return get_json(storage, key)
-    chunks = [
-        ChunkResult.from_dict(get_json(storage, f"{chunk_prefix(job_plan.spec.job_id, c.index)}/result.json"))
-        for c in job_plan.chunks
-    ]
-    if len(chunks) == 1:
-        text, seconds = chunks[0].summary, 0.0
+    job_id = job_plan.spec.job_id
+    chunks = [ChunkResult.from_dict(get_json(storage, result_key(job_id, c.index))) for c in job_plan.chunks]
+    written = [c for c in chunks if not c.failed("summary")]
+    missing = [c.index for c in chunks if c.failed("summary")]
+    text, seconds, error = "", 0.0, None
+    if len(chunks) == 1 and written:
+        text = chunks[0].summary
+    elif not written:
+        error = "not written: no chunk has a summary"
     else:
         request = prompts.file_summary_request(
-            [(c.start, c.end, c.summary) for c in chunks], settings.summary_max_new_tokens
+            [(c.start, c.end, c.summary) for c in written], settings.summary_max_new_tokens
         )
-        answer = engine.generate([request])[0]
-        text, seconds = answer.text.strip(), answer.seconds / max(answer.batch_size, 1)
-    document = {
-        "summary": text,
-        "model": engine.model_id,
-        "random_weights": bool(engine.random_weights),
-        "seconds": round(seconds, 3),
-    }
+        answer = generate_each(engine, [request])[0]
+        if isinstance(answer, BaseException):
+            error = error_text(answer)
+            log.warning("job %s: the file summary failed for good: %s", job_plan.spec.job_id, error)
+        else:
+            text, seconds = answer.text.strip(), answer.seconds / max(answer.batch_size, 1)
+    if error and not settings.partial:
+        raise RowFailed(f"the file summary failed: {error} (OMNIQ_PARTIAL is off)")
+    document = _summary_document(text, engine.model_id, bool(engine.random_weights), seconds, missing, error)
     put_json(storage, key, document)
     return document
+
+
+def _summary_document(
+    text: str, model: str, random_weights: bool, seconds: float, missing: list[int], error: str | None
+) -> dict[str, Any]:
+    return {
+        "summary": text,
+        "model": model,
+        "random_weights": random_weights,
+        "seconds": round(seconds, 3),
+        "chunks_missing": missing,  # chunks whose summary failed: left out of this one
+        "error": error,  # why there is no file summary
+    }
+
+
+def fail_file_summary(job_plan: JobPlan, storage: Storage, reason: str) -> None:
+    """Record the file summary as failed with ``reason`` (its unit gave up), unless it is stored already."""
+    from pipeline.config import TINY_MODEL
+
+    key = f"{work_prefix(job_plan.spec.job_id)}/summary.json"
+    if storage.exists(key):
+        return
+    model = str(job_plan.spec.config.get("model") or "")
+    put_json(storage, key, _summary_document("", model, model == TINY_MODEL, 0.0, [], reason))

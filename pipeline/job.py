@@ -12,6 +12,7 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,15 @@ from PIL import Image
 from pipeline.config import Settings, config_hash_of
 from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError
-from pipeline.infer import ChunkBudget, infer_chunks, infer_file, summarize
+from pipeline.infer import (
+    ChunkBudget,
+    fail_chunks,
+    fail_file_summary,
+    infer_chunks,
+    infer_file,
+    reopen_failed,
+    summarize,
+)
 from pipeline.media import extract, pack, plan, speech
 from pipeline.media.plan import Chunk
 from pipeline.media.probe import check_limits, probe_media
@@ -66,6 +75,8 @@ __all__ = [
     "JobSpec",
     "check_input",
     "config_hash_of",
+    "fail_chunks",
+    "fail_file_summary",
     "finalize",
     "finished_manifest",
     "infer_chunks",
@@ -93,7 +104,16 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
     """Probe, check limits, decode once, plan chunks at silences and store each chunk's frames and audio."""
     plan_key = f"{work_prefix(spec.job_id)}/plan.json"
     if storage.exists(plan_key):
-        return JobPlan.from_dict(get_json(storage, plan_key))
+        stored = JobPlan.from_dict(get_json(storage, plan_key))
+        if spec.run_id is None or stored.spec.run_id == spec.run_id:
+            return stored
+        # a new run of a job whose work was kept (it ended partial): its failed rows run again, nothing else
+        reopened = sorted(set(reopen_failed(stored, storage)) | set(stored.reopened))
+        log.info("job %s: run %s reuses the stored chunks; %d chunks run their failed rows", spec.job_id,
+                 spec.run_id, len(reopened))  # fmt: skip
+        stored.spec, stored.reopened = spec, reopened
+        put_json(storage, plan_key, stored.to_dict())
+        return stored
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="omniq-ingest-") as temp:
         directory = Path(temp)
@@ -185,10 +205,15 @@ class JobOutcome:
 
     source: str
     media_id: str | None
-    status: str  # done | failed | skipped
+    status: str  # done | partial | failed | skipped
     result_uri: str | None
     error: str | None
     manifest: dict[str, Any] | None = None
+
+    @property
+    def failed_rows(self) -> int:
+        """How many rows failed for good (a ``partial`` job's gaps)."""
+        return int(((self.manifest or {}).get("rows") or {}).get("failed") or 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +222,7 @@ class JobOutcome:
             "status": self.status,
             "result_uri": self.result_uri,
             "error": self.error,
+            "failed_rows": self.failed_rows,
         }
 
 
@@ -234,6 +260,9 @@ def run_job(
         spec = make_spec(name, settings, ref=source if isinstance(source, SourceRef) else None)
     except OmniqError as error:
         return JobOutcome(name, None, "failed", None, str(error))
+    spec.run_id = uuid.uuid4().hex[:12]  # a run after a partial one reruns only its failed rows (ingest)
+    if force:  # from the start: not even a partial run's good rows are kept
+        storage.delete_prefix(work_prefix(spec.job_id))
     result_uri = storage.uri(results_prefix(spec.media_id))
     if not force:
         done = finished_manifest(storage, spec.media_id, config_hash_of(spec.config))
@@ -253,6 +282,9 @@ def run_job(
         timings["summarize_s"] = round(time.monotonic() - summarize_started, 3)
         timings["total_s"] = round(time.monotonic() - started, 3)
         manifest = finalize(job_plan, storage, settings, timings)
+        if manifest["status"] == "failed":  # every row failed
+            update_index(index, storage, spec.media_id)
+            return JobOutcome(spec.source, spec.media_id, "failed", result_uri, manifest["error"], manifest)
     except OmniqError as error:
         log.warning("job %s for %s failed: %s", spec.job_id, spec.source, error)
         timings["total_s"] = round(time.monotonic() - started, 3)
@@ -260,7 +292,7 @@ def run_job(
         update_index(index, storage, spec.media_id)
         return JobOutcome(spec.source, spec.media_id, "failed", result_uri, manifest["error"], manifest)
     update_index(index, storage, spec.media_id)
-    return JobOutcome(spec.source, spec.media_id, "done", result_uri, None, manifest)
+    return JobOutcome(spec.source, spec.media_id, manifest["status"], result_uri, manifest["error"], manifest)
 
 
 def run_jobs(

@@ -26,6 +26,12 @@ TOKEN_MARGIN = 16  # ... plus this many
 FILE_SUMMARY = "file_summary"
 
 
+def row_kind(kind: str) -> str | None:
+    """The row a request is, as failed rows and failpoints name it (``summary`` for a chunk's summary); None for a
+    request that is not a row of the results (the language question)."""
+    return {CHUNK_SUMMARY: "summary", LANGUAGE: None}.get(kind, kind)
+
+
 def _user(content: list[dict[str, object]]) -> list[dict[str, object]]:
     return [{"role": "user", "content": content}]
 

@@ -89,6 +89,8 @@ class JobPlan:
     timings: dict[str, float] = field(default_factory=dict)
     # the file's utterances, [start, end] in seconds (speech detection at ingest); None: planned before it
     speech: list[list[float]] | None = None
+    # chunks whose failed rows this run runs again (their good rows are kept: ``infer.reopen_failed``)
+    reopened: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,7 @@ class JobPlan:
             "frame_shape": self.frame_shape,
             "timings": self.timings,
             "speech": self.speech,
+            "reopened": self.reopened,
         }
 
     @classmethod
@@ -111,6 +114,7 @@ class JobPlan:
             data.get("frame_shape"),
             dict(data.get("timings", {})),
             data.get("speech"),
+            [int(i) for i in data.get("reopened") or []],
         )
 
 

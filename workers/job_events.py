@@ -3,8 +3,9 @@ downstream (an upload service, a CMS, a search front end) and for ``omniq events
 
 The ``workers.state`` scripts append each event in the same atomic step as the change itself: ``queued`` when
 a job is created, one event named after the new status at every status change (``ingesting``, ``running``,
-``summarizing``, ``finalizing``, ``done``, ``failed``, ``cancelled``), and ``progress`` when a batch of chunks
-is done. A redelivered step that changes nothing appends nothing. The stream is capped near
+``summarizing``, ``finalizing``, ``done``, ``partial``, ``failed``, ``cancelled``), and ``progress`` when a batch
+of chunks is done. A ``partial`` event carries ``failed_rows`` (how many rows failed for good) and the first
+one's reason in ``error``. A redelivered step that changes nothing appends nothing. The stream is capped near
 ``EVENTS_MAX_LENGTH`` entries; any reader can follow it with its own consumer group (``XREADGROUP``).
 """
 
@@ -18,7 +19,7 @@ import redis
 
 from workers.state import EVENTS
 
-ENDED = ("done", "failed", "cancelled")
+ENDED = ("done", "partial", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class JobEvent:
     """One entry of the stream; ``id`` is the stream's entry id (time-ordered, ``<ms>-<n>``)."""
 
     id: str
-    event: str  # queued | ingesting | running | progress | summarizing | finalizing | done | failed | cancelled
+    # queued | ingesting | running | progress | summarizing | finalizing | done | partial | failed | cancelled
+    event: str
     job_id: str
     media_id: str
     source: str
@@ -36,6 +38,7 @@ class JobEvent:
     chunks_done: int
     chunks_total: int
     at: float  # seconds since the epoch
+    failed_rows: int = 0  # a partial job's rows that failed for good
 
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str]) -> JobEvent:
@@ -57,6 +60,7 @@ class JobEvent:
             chunks_done=int(number("chunks_done")),
             chunks_total=int(number("chunks_total")),
             at=number("at"),
+            failed_rows=int(number("failed_rows")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ CLAIM_IDLE_SECONDS = 120.0  # an entry a consumer took and has not touched for t
 REQUEST_TIMEOUT_SECONDS = 10.0
 MANIFEST_FIELDS = (
     "status", "run_id", "model", "random_weights", "duration_s", "chunks", "language", "speech_s", "segments",
-    "cues", "tokens", "finished_at", "error",
+    "cues", "tokens", "finished_at", "error", "rows", "failed_rows",
 )  # fmt: skip
 
 
@@ -207,7 +207,7 @@ class Notifier:
         """What a receiver gets: the event, where the results are, and the manifest's main fields."""
         key = f"{results_prefix(event.media_id)}/manifest.json"
         manifest: dict[str, Any] | None = None
-        if event.event in ("done", "failed") and event.media_id:
+        if event.event in ("done", "partial", "failed") and event.media_id:
             try:
                 document = json.loads(self.storage.get_bytes(key))
                 if document.get("job_id") == event.job_id:  # another run's manifest is not this job's
@@ -223,6 +223,7 @@ class Notifier:
             "tag": event.tag,
             "status": event.status,
             "error": event.error,
+            "failed_rows": event.failed_rows,
             "result_uri": self.storage.uri(key) if manifest is not None else None,
             "manifest": manifest,
             "at": event.at,

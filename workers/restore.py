@@ -128,7 +128,10 @@ def _restore_job(  # type: ignore[no-untyped-def]
     state.create(job_id, spec.source, spec.media_id, spec.to_dict(), force=True)
     if manifest is not None and ended:
         # this run ended (its work files were kept, or finalize died before removing them)
-        state.finish(job_id, manifest.get("status") or "failed", error=manifest.get("error") or "")
+        failed_rows = (manifest.get("rows") or {}).get("failed", 0)
+        state.finish(
+            job_id, manifest.get("status") or "failed", error=manifest.get("error") or "", failed_rows=failed_rows
+        )
         return "finished"
     if plan is None:
         publish(spec, INGEST)

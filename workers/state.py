@@ -28,7 +28,8 @@ PENDING_FAILURES = f"{PREFIX}:pending-failures"  # failed jobs whose manifest co
 EVENTS = f"{PREFIX}:events"  # a Redis stream of job events (README "Job events"), appended by the scripts below
 EVENTS_MAX_LENGTH = 100_000  # the stream is capped near this many entries (XADD MAXLEN ~)
 ACTIVE = ("queued", "ingesting", "running", "summarizing", "finalizing")
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = ("done", "partial", "failed", "cancelled")  # partial: some rows failed for good, the rest is published
+RETRYABLE = ("failed", "partial")  # what ``omniq retry --failed`` runs again
 
 T = TypeVar("T")
 
@@ -65,8 +66,8 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do  -- an earlier run's lea
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'source', ARGV[2], 'media_id', ARGV[3], 'spec', ARGV[4],
-           'status', 'queued', 'chunks_total', 0, 'error', '', 'created_at', ARGV[5], 'updated_at', ARGV[5],
-           'tag', ARGV[6])
+           'status', 'queued', 'chunks_total', 0, 'error', '', 'failed_rows', 0, 'created_at', ARGV[5],
+           'updated_at', ARGV[5], 'tag', ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], '*', 'event', 'queued', 'job_id', ARGV[1], 'media_id', ARGV[3],
@@ -83,18 +84,18 @@ if not status then return false end
 if not string.find(' ' .. ARGV[4] .. ' ', ' ' .. status .. ' ', 1, true) then return status end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'updated_at', ARGV[3])
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[2] == 'done' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
+if ARGV[2] == 'done' or ARGV[2] == 'partial' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[1], 'retry_at', 'retry_reason')
 elseif ARGV[2] ~= 'queued' then
   redis.call('SADD', KEYS[2], ARGV[1])
 end
 if ARGV[2] ~= status then
-  local job = redis.call('HMGET', KEYS[1], 'media_id', 'source', 'tag', 'error', 'chunks_total')
+  local job = redis.call('HMGET', KEYS[1], 'media_id', 'source', 'tag', 'error', 'chunks_total', 'failed_rows')
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'job_id', ARGV[1],
              'media_id', job[1] or '', 'source', job[2] or '', 'tag', job[3] or '', 'status', ARGV[2],
              'error', job[4] or '', 'chunks_done', redis.call('SCARD', KEYS[3]), 'chunks_total', job[5] or 0,
-             'at', ARGV[3])
+             'at', ARGV[3], 'failed_rows', job[6] or 0)
 end
 return 'ok'
 """
@@ -235,7 +236,7 @@ class JobState:
         return self._set(job_id, status, from_, fields) == "ok"
 
     def finish(self, job_id: str, status: str, **fields: Any) -> bool:
-        """End a job (``done``, ``failed`` or ``cancelled``). Only an active job can end: a late failure
+        """End a job (``done``, ``partial``, ``failed`` or ``cancelled``). Only an active job can end: a late failure
         cannot turn a done job into a failed one, and a cancelled job stays cancelled."""
         assert status in FINISHED, status
         return self._set(job_id, status, ACTIVE, fields) == "ok"
@@ -343,6 +344,7 @@ class JobState:
             "chunks_total": int(data.get("chunks_total", 0) or 0),
             "chunks_done": int(self.redis.scard(self.key(job_id, "chunks"))),
             "error": data.get("error") or None,
+            "failed_rows": int(data.get("failed_rows", 0) or 0),
             "created_at": float(data.get("created_at", 0) or 0),
             "updated_at": float(data.get("updated_at", 0) or 0),
             "retry_at": float(data["retry_at"]) if data.get("retry_at") else None,
@@ -377,9 +379,9 @@ class JobState:
         yield from self.redis.sscan_iter(ACTIVE_SET, count=500)
 
     def failed_ids(self, limit: int = 100_000) -> list[str]:
-        """Failed jobs, newest first (for ``omniq retry --failed``)."""
+        """Failed and partial jobs, newest first (for ``omniq retry --failed``)."""
         job_ids = self.redis.zrevrange(JOBS_INDEX, 0, limit - 1)
-        return [j for j, s in zip(job_ids, self.statuses(job_ids), strict=True) if s == "failed"]
+        return [j for j, s in zip(job_ids, self.statuses(job_ids), strict=True) if s in RETRYABLE]
 
 
 def _text(value: Any) -> str | int | float:

@@ -212,7 +212,7 @@ class OmniqTask(Task):
                 metrics.WORKER_DEATHS.labels(queue=self.queue_name, model=settings().model).inc()
                 if lease.deaths >= settings().max_worker_deaths:
                     chunks = kwargs.get("chunks")
-                    fail_job(job_id, f"worker died {lease.deaths} times while {describe(unit, chunks)}")
+                    give_up(job_id, unit, chunks, f"worker died {lease.deaths} times while {describe(unit, chunks)}")
                     return None
             with _gate_for(job_id, unit, lease) if shared else nullcontext():
                 result = super().__call__(*args, **kwargs)
@@ -284,7 +284,9 @@ class OmniqTask(Task):
             return
         if not isinstance(exc, OmniqError):
             log.error("%s of job %s raised an unexpected error", self.name, job_id, exc_info=exc)
-        if job_id:
+        if job_id and isinstance(exc, _GaveUp):  # its rows fail; the job goes on without them
+            give_up(job_id, unit_of(self.name, kwargs), kwargs.get("chunks"), error_text(exc), kwargs.get("spec"))
+        elif job_id:
             fail_job(job_id, error_text(exc), kwargs.get("spec"))
 
 
@@ -361,7 +363,50 @@ def _gate_for(job_id: str, unit: str, lease: Acquired) -> Iterator[None]:
 
 
 class _GaveUp(TransientError):
-    """A transient error that outlived the retry budget: raised so that on_failure fails the job."""
+    """A transient error that outlived the retry budget: raised so that on_failure gives the unit up."""
+
+
+def give_up(job_id: str, unit: str, chunks: list[int] | None, reason: str, spec: dict[str, Any] | None = None) -> None:
+    """A unit that will not succeed (its retries are spent, or it took its worker down too often). An infer unit's
+    rows fail (every row of its chunks not stored yet) and so does a summarize's file summary: the job goes on to
+    a ``partial`` result (README "Partial results"). Any other unit, or ``OMNIQ_PARTIAL=false``, fails the job.
+    Never raises."""
+    if not settings().partial or not (unit.startswith("infer-") or unit == SUMMARIZE):
+        fail_job(job_id, reason, spec)
+        return
+    try:
+        plan = job.load_plan(storage(), job_id)
+        if unit == SUMMARIZE:
+            job.fail_file_summary(plan, storage(), reason)
+            state().unit_done(job_id, SUMMARIZE)
+            if state().advance(job_id, "summarizing", from_=RUNS_IN["omniq.summarize"]):
+                finalize.publish(plan.spec.priority, f"{job_id}-finalize", job_id=job_id, source=plan.spec.source)
+                state().mark_sent([(job_id, FINALIZE, None)])
+        else:
+            chunks = chunks or [int(c) for c in (state().units(job_id).get(f"{unit}:chunks") or "").split(",") if c]
+            written = job.fail_chunks(plan, chunks, reason, storage())
+            log.error("job %s: %s gave up (%s); its rows are recorded as failed: chunks %s", job_id, unit, reason,
+                      written)  # fmt: skip
+            state().unit_done(job_id, unit)
+            _chunks_done(plan, chunks)
+    except Exception:  # e.g. the store is what keeps failing: then the job fails, as without partial results
+        log.exception("job %s: could not record the failed rows of %s; failing the job", job_id, unit)
+        fail_job(job_id, reason, spec)
+
+
+def _chunks_done(plan: job.JobPlan, chunks: list[int]) -> None:
+    """Count ``chunks`` as done; the call that completes the job (or a unit sent again after its worker died
+    between the last chunk and sending summarize) sends ``omniq.summarize``."""
+    job_id = plan.spec.job_id
+    done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
+    if completed_job:  # the job's model time, as a local run records it: from the first batch to the last
+        first = float(state().redis.hget(JobState.key(job_id), "infer_started_at") or time.time())
+        state().add_timings(job_id, {"infer_s": round(time.time() - first, 3)})
+    if completed_job or (done >= len(plan.chunks) and not state().was_sent(job_id, SUMMARIZE)):
+        state().incr(job_id, "summarize_sent")
+        model, source = plan.spec.config.get("model"), plan.spec.source
+        summarize.publish(plan.spec.priority, f"{job_id}-summarize", model=model, job_id=job_id, source=source)
+        state().mark_sent([(job_id, SUMMARIZE, None)])
 
 
 def fail_job(job_id: str, reason: str, spec: dict[str, Any] | None = None) -> None:
@@ -414,7 +459,9 @@ def write_failure_manifest(job_id: str) -> bool:
 def _clean_if_ended(job_id: str, unit: str) -> None:
     """A step that ran while its job was cancelled (or a late duplicate that wrote files after the job ended)
     removes what it wrote."""
-    if unit != FINALIZE and state().status(job_id) in FINISHED and not settings().keep_work:
+    status = state().status(job_id)
+    # a partial job keeps its work files for a retry
+    if unit != FINALIZE and status in FINISHED and status != "partial" and not settings().keep_work:
         storage().delete_prefix(job.work_prefix(job_id))
 
 
@@ -482,17 +529,7 @@ def infer(self: Task, job_id: str, source: str, chunks: list[int], unit: str | N
     job.infer_chunks(plan, chunks, engine(), storage(), job_settings, chunk_budget())
     metrics.CHUNKS.labels(queue=self.queue_name, model=settings().model).inc(len(chunks))
     self.send_event("task-progress", job_id=job_id, chunks=chunks, seconds=round(time.monotonic() - started, 3))
-    done, completed_job = state().complete_chunks(job_id, chunks, len(plan.chunks))
-    # a unit sent again after its worker died between the last chunk and sending summarize sends it now
-    if completed_job:  # the job's model time, as a local run records it: from the first batch to the last
-        first = float(state().redis.hget(JobState.key(job_id), "infer_started_at") or time.time())
-        state().add_timings(job_id, {"infer_s": round(time.time() - first, 3)})
-    if completed_job or (done >= len(plan.chunks) and not state().was_sent(job_id, SUMMARIZE)):
-        state().incr(job_id, "summarize_sent")
-        summarize.publish(
-            plan.spec.priority, f"{job_id}-summarize", model=plan.spec.config.get("model"), job_id=job_id, source=source
-        )
-        state().mark_sent([(job_id, SUMMARIZE, None)])
+    _chunks_done(plan, chunks)
 
 
 @app.task(name="omniq.summarize", base=OmniqTask, bind=True)
@@ -525,14 +562,25 @@ def finalize(self: Task, job_id: str, source: str) -> None:
         # an earlier run wrote the manifest and removed the work files, then died before saying so
         media_id = state().redis.hget(JobState.key(job_id), "media_id") or ""
         manifest = job_manifest(storage(), media_id, job_id)
-        if manifest is None or manifest.get("status") != "done":
+        if manifest is None or manifest.get("status") not in ("done", "failed"):
             raise
-        state().finish(job_id, "done")
+        _finish(job_id, manifest)
         return
     created = float((state().redis.hget(JobState.key(job_id), "created_at")) or time.time())
     timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
-    job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
-    if state().finish(job_id, "done"):
-        state().incr(job_id, "finalized")
-        metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status="done").inc()
+    manifest = job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
+    _finish(job_id, manifest)
     job.update_index(_index_or_none(), storage(), plan.spec.media_id)
+
+
+def _finish(job_id: str, manifest: dict[str, Any]) -> None:
+    """End the job as its manifest says: done, partial (with its count of failed rows), or failed (every row)."""
+    status = manifest["status"]
+    fields: dict[str, Any] = {}
+    if status != "done":
+        fields = {"error": manifest.get("error") or "", "failed_rows": (manifest.get("rows") or {}).get("failed", 0)}
+    if state().finish(job_id, status, **fields):
+        state().incr(job_id, "finalized")
+        metrics.JOBS.labels(queue=MEDIA_QUEUE, model=settings().model, status=status).inc()
+        if status == "partial":
+            log.warning("job %s ended partial: %s", job_id, manifest.get("error"))

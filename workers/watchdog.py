@@ -245,9 +245,9 @@ class Watchdog:
                 return "skipped"  # it moved on meanwhile
             model = json.loads(record.get("spec") or "{}").get("config", {}).get("model", "")
             tasks.metrics.WORKER_DEATHS.labels(queue=_kind(action.unit), model=model).inc()
-            if action.fail_reason:
-                tasks.fail_job(view.job_id, action.fail_reason)
-                return "failed"
+            if action.fail_reason:  # its rows fail (an infer or summarize unit), else the job
+                tasks.give_up(view.job_id, action.unit, action.chunks, action.fail_reason)
+                return "gave_up"
         return self.resend(view.job_id, record, action.unit, action.chunks, action.kind, action.why, tasks)
 
     def resend(

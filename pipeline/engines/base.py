@@ -27,6 +27,7 @@ class GenerationRequest:
     fps: float | None = None  # sampling rate of ``video``, frames per second
     use_audio_in_video: bool = False  # ``audio`` is the soundtrack of ``video``
     max_new_tokens: int = 128
+    chunk: int | None = None  # the chunk this row belongs to (logs, failpoints); None for file-level rows
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline import failpoints, prompts
 from pipeline.config import TINY_MODEL, Settings
 from pipeline.engines.base import SAMPLE_RATE, GenerationRequest, GenerationResult
 from pipeline.engines.tiny import TINY_MODEL_RANDOM_WEIGHTS, ensure_tiny_model
@@ -233,6 +234,8 @@ class OmniEngine:
         audio_from_video: list[int | None] = []  # per audio slot: None = standalone, i = soundtrack of video i
         videos: list[np.ndarray] = []
         for request in requests:
+            if (kind := prompts.row_kind(request.kind)) is not None:
+                failpoints.hit("infer.row", chunk=request.chunk, kind=kind)
             texts.append(self._prompt(request))
             if request.video is not None:
                 videos.append(_as_video(request.video))
@@ -347,6 +350,7 @@ class OmniEngine:
         import torch
 
         started = time.perf_counter()
+        failpoints.hit("gpu.generate", rows=len(requests))
         with torch.inference_mode():
             output = self.model.generate(
                 **encoded.inputs,

@@ -9,7 +9,9 @@ different jobs share one ``generate`` call. A batch is formed only when there is
 (at most ``ahead`` prepared batches wait, which keeps memory flat), and one that is not full only when no
 prepared batch waits: the rows that arrive while the model is busy fill it instead of waiting behind a
 half-full one, and a cheap batch waiting never keeps the next expensive one from being prepared. An exception
-reaches the callers whose rows it concerns.
+reaches the callers whose rows it concerns: a batch that raises (not a transient error) is run again in halves,
+down to the row that raises alone, so one bad row does not fail the rows batched with it (README "Partial
+results").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.engines.base import SAMPLE_RATE, GenerationRequest, GenerationResult
 from pipeline.engines.omni import OmniEngine, batch_key
+from pipeline.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +131,19 @@ class PipelinedEngine:
         ``prepared`` is called (from the preparing thread) once every one of them has become model inputs or
         failed: the caller may then let go of the media, e.g. fetch the next chunks while these generate.
         """
+        return [_unwrap(outcome) for outcome in self.generate_each(requests, prepared)]
+
+    def generate_each(
+        self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
+    ) -> list[GenerationResult | BaseException]:
+        """:meth:`generate`, with each row's exception in its place instead of raised."""
         countdown = _Countdown(len(requests), prepared) if prepared is not None else None
         futures = [self.submit(request, countdown) for request in requests]
-        return [future.result() for future in futures]
+        outcomes: list[GenerationResult | BaseException] = []
+        for future in futures:
+            error = future.exception()
+            outcomes.append(error if error is not None else future.result())
+        return outcomes
 
     def submit(self, request: GenerationRequest, prepared: _Countdown | None = None) -> Future[GenerationResult]:
         """Queue one request; its future gets the result (or the exception that stopped its batch)."""
@@ -179,8 +192,13 @@ class PipelinedEngine:
             started = time.perf_counter()
             try:
                 encoded = self.engine.encode(requests)
-            except BaseException as error:  # handed to the callers, who raise it
-                _fail(rows, error)
+            except Exception as error:
+                if len(rows) > 1 and not isinstance(error, TransientError):
+                    # one row may be at fault: the model thread runs the batch again in halves
+                    self._ready.put((rows, error))
+                    _tell_prepared(rows)
+                    continue
+                _fail(rows, error)  # handed to the callers, who raise it
                 _tell_prepared(rows)
                 self._taken(rows)
                 continue
@@ -199,6 +217,9 @@ class PipelinedEngine:
             self._taken(rows)
             requests = [row.request for row in rows]
             started = time.perf_counter()
+            if isinstance(encoded, BaseException):  # the batch could not be prepared
+                self._run_apart(rows, encoded)
+                continue
             try:
                 try:
                     results = self.engine.run_encoded(requests, encoded)
@@ -207,13 +228,41 @@ class PipelinedEngine:
                     log.warning("CUDA out of memory for a batch of %d; retrying in halves", len(rows))
                     torch.cuda.empty_cache()
                     results = self.engine.generate_shrinking(requests)
-            except BaseException as error:  # handed to the callers, who raise it
+            except Exception as error:
+                if len(rows) > 1 and not isinstance(error, TransientError):
+                    self._run_apart(rows, error)
+                else:
+                    _fail(rows, error)  # handed to the callers, who raise it
+                continue
+            except BaseException as error:
                 _fail(rows, error)
                 continue
             self.stats.model_s += time.perf_counter() - started
             self.stats.batches += 1
             self.stats.rows += len(rows)
             for row, result in zip(rows, results, strict=True):
+                row.future.set_result(result)
+
+    def _run_apart(self, rows: list[_Row], error: Exception) -> None:
+        """A batch raised ``error``: run it again in halves until the rows at fault raise alone (each gets its own
+        exception) and the others get their answers. Costs about two calls per halving, only when a batch fails."""
+        if len(rows) == 1:
+            _fail(rows, error)
+            return
+        log.warning("a batch of %d rows raised %s: running it again in halves", len(rows), type(error).__name__)
+        half = (len(rows) + 1) // 2
+        for part in (rows[:half], rows[half:]):
+            try:
+                results = self.engine.generate_shrinking([row.request for row in part])
+            except TransientError as transient:
+                _fail(part, transient)
+                continue
+            except Exception as again:
+                self._run_apart(part, again)
+                continue
+            self.stats.batches += 1
+            self.stats.rows += len(part)
+            for row, result in zip(part, results, strict=True):
                 row.future.set_result(result)
 
     # -- gathering ----------------------------------------------------------------------------------------
@@ -314,6 +363,12 @@ def _tell_prepared(rows: Sequence[_Row]) -> None:
         if row.prepared is not None:
             row.prepared.tick()
             row.prepared = None
+
+
+def _unwrap(outcome: GenerationResult | BaseException) -> GenerationResult:
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def _fail(rows: Sequence[_Row], error: BaseException) -> None:

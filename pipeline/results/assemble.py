@@ -31,14 +31,25 @@ class ChunkResult:
     model_seconds: float = 0.0  # this chunk's share of its batches' generate time
     asr_seconds: float = 0.0  # Whisper's time for this chunk's utterances
     prepare_seconds: float = 0.0  # fetching and decoding it, plus its share of the processor's time
-    errors: list[str] = field(default_factory=list)
+    # the rows that failed for good: [{kind, start, end, reason}] (README "Partial results"); a retry reruns them
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChunkResult:
-        return cls(**data)
+        result = cls(**data)
+        result.errors = [e for e in result.errors if isinstance(e, dict)]  # older results listed strings (none)
+        return result
+
+    def fail(self, kind: str, reason: str, span: tuple[float, float] | None = None) -> None:
+        """Record that this chunk's ``kind`` row (over ``span``, default the chunk) failed for good."""
+        start, end = span or (self.start, self.end)
+        self.errors.append({"kind": kind, "start": round(start, 3), "end": round(end, 3), "reason": reason})
+
+    def failed(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.errors if e["kind"] == kind]
 
 
 Segment = TimedText  # one utterance of the transcript: {start, end, text}

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline import __version__, prompts
 from pipeline.config import Settings, config_hash_of
-from pipeline.errors import SourceNotFound
+from pipeline.errors import SourceNotFound, error_text
 from pipeline.media import pack
 from pipeline.results import assemble, cues, viewer
 from pipeline.results.assemble import ChunkResult
@@ -72,10 +72,49 @@ def _base_manifest(spec: JobSpec, settings: Settings) -> dict[str, Any]:
     }
 
 
+def planned_rows(job_plan: JobPlan) -> int:
+    """How many rows a job's results have: per chunk its transcript rows (one per utterance for Qwen3-Omni, one
+    for Whisper's transcript of the chunk), its caption and its summary; and the file summary."""
+    from pipeline.infer import chunk_utterances
+
+    by_whisper = job_plan.spec.config.get("transcriber") == "whisper"
+    rows = 1
+    for chunk in job_plan.chunks:
+        utterances = chunk_utterances(job_plan, chunk)
+        rows += (min(1, len(utterances)) if by_whisper else len(utterances)) + 1
+        rows += int(job_plan.info.has_video or job_plan.info.has_audio)
+    return rows
+
+
+def failed_rows(chunks: list[ChunkResult], summary: dict[str, Any], duration: float) -> list[dict[str, Any]]:
+    """Every row that failed for good, ``{kind, chunk, start, end, reason}`` (the manifest's list): by chunk, each
+    chunk's transcript rows (in time order), caption and summary; then the file summary."""
+    order = {"transcript": 0, "caption": 1, "summary": 2}
+    rows = [
+        {"kind": e["kind"], "chunk": c.index, "start": e["start"], "end": e["end"], "reason": e["reason"]}
+        for c in chunks
+        for e in c.errors
+    ]
+    rows.sort(key=lambda row: (row["chunk"], order.get(row["kind"], 3), row["start"]))
+    if summary.get("error"):
+        rows.append({"kind": "file_summary", "chunk": None, "start": 0.0, "end": duration, "reason": summary["error"]})
+    return rows
+
+
+def partial_reason(failed: list[dict[str, Any]], total: int) -> str:
+    """One line for ``omniq status`` and the events: how many rows failed and the first one's reason."""
+    first = failed[0]
+    where = f"chunk {first['chunk']}" if first["chunk"] is not None else "the file"
+    span = f"{first['start']:.1f}-{first['end']:.1f} s"
+    return f"{len(failed)} of {total} rows failed; first: the {first['kind']} of {where} ({span}): {first['reason']}"
+
+
 def finalize(
     job_plan: JobPlan, storage: Storage, settings: Settings, timings: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    """Assemble and write the result files; the manifest is written last and marks the job done."""
+    """Assemble and write the result files; the manifest is written last and marks the job ``done``, or
+    ``partial`` when rows failed for good (README "Partial results"; the work files are kept for a retry), or
+    ``failed`` when every row did."""
     spec = job_plan.spec
     started = time.monotonic()
     chunks = [
@@ -83,6 +122,10 @@ def finalize(
         for c in job_plan.chunks
     ]
     summary = get_json(storage, f"{work_prefix(spec.job_id)}/summary.json")
+    failed = failed_rows(chunks, summary, job_plan.info.duration_s)
+    total = planned_rows(job_plan)
+    if failed and len(failed) >= total:
+        return write_failure(spec, storage, settings, f"every row failed; first: {failed[0]['reason']}", timings)
     segments = assemble.transcript_segments(chunks)
     subtitles = cues.build_cues(segments)
     language, language_by = _language(settings, storage, spec.job_id)
@@ -115,7 +158,7 @@ def finalize(
         all_timings["asr_s"] = round(sum(c.asr_seconds for c in chunks), 3)
     all_timings["finalize_s"] = round(time.monotonic() - started, 3)
     manifest = _base_manifest(spec, settings) | {
-        "status": "done",
+        "status": "partial" if failed else "done",
         "duration_s": job_plan.info.duration_s,
         "chunks": len(job_plan.chunks),
         "model": summary.get("model", spec.config.get("model")),
@@ -133,7 +176,11 @@ def finalize(
         "cues": len(subtitles),
         "timings": all_timings,
         "tokens": sum(c.new_tokens for c in chunks),
-        "error": None,
+        "error": partial_reason(failed, total) if failed else None,
+        # README "Partial results": each row that failed for good, with its reason and time range
+        "rows": {"total": total, "failed": len(failed)},
+        "failed_rows": failed,
+        "summary_chunks_missing": summary.get("chunks_missing") or [],
         "finished_at": now_iso(),
         "outputs": {name: storage.uri(f"{prefix}/{name}") for name in RESULT_FILES},
     }
@@ -143,7 +190,7 @@ def finalize(
     first_frames = _first_frames(storage, job_plan) if job_plan.frame_shape else {}
     viewer.write_viewer(storage, manifest, first_frames, settings)
     put_json(storage, f"{prefix}/manifest.json", manifest)
-    if not settings.keep_work:
+    if not settings.keep_work and not failed:  # a partial job keeps its packs and good rows for a retry
         storage.delete_prefix(work_prefix(spec.job_id))
     return manifest
 
@@ -192,11 +239,6 @@ def _first_frames(storage: Storage, job_plan: JobPlan) -> dict[int, bytes]:
         if frame is not None:
             frames[chunk.index] = frame
     return frames
-
-
-def error_text(error: BaseException | str) -> str:
-    """How a failure is recorded: ``Type: message`` for an exception, the text itself otherwise."""
-    return error if isinstance(error, str) else f"{type(error).__name__}: {error}"
 
 
 def write_failure(

@@ -17,7 +17,7 @@ import hashlib
 import io
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path, PurePosixPath
@@ -134,21 +134,41 @@ def _time_button(start: float, end: float | None, playable: bool) -> str:
     return f'<button class="time" type="button"{disabled}>{label}</button>'
 
 
-def _segments_html(transcript: dict[str, Any], playable: bool) -> str:
-    rows = []
+def _gaps(manifest: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The failed rows of one kind (README "Partial results"), as the manifest lists them."""
+    return [row for row in manifest.get("failed_rows") or [] if isinstance(row, dict) and row.get("kind") == kind]
+
+
+def _segments_html(transcript: dict[str, Any], playable: bool, gaps: Sequence[dict[str, Any]] = ()) -> str:
+    rows: list[tuple[float, str]] = []
     for segment in transcript.get("segments") or []:
         button = _time_button(_number(segment.get("start")), None, playable)
         text = escape(str(segment.get("text", "")))
-        rows.append(f'<li class="segment" {_span_attrs(segment)}>{button}<span class="text">{text}</span></li>')
+        item = f'<li class="segment" {_span_attrs(segment)}>{button}<span class="text">{text}</span></li>'
+        rows.append((_number(segment.get("start")), item))
+    for gap in gaps:  # the speech whose transcript row failed: a marked gap in its place
+        button = _time_button(_number(gap.get("start")), _number(gap.get("end")), False)
+        reason = escape(str(gap.get("reason", "")))
+        item = f'<li class="gap" {_span_attrs(gap)}>{button}<span class="text">Not transcribed: {reason}</span></li>'
+        rows.append((_number(gap.get("start")), item))
+    rows = [(start, item) for start, item in sorted(rows, key=lambda row: row[0])]
     if not rows:
         return '<p class="empty">No speech was transcribed.</p>'
-    return '<ol id="transcript-list">\n' + "\n".join(rows) + "\n</ol>"
+    return '<ol id="transcript-list">\n' + "\n".join(item for _, item in rows) + "\n</ol>"
 
 
 def _chunks_html(
-    captions: dict[str, Any], summary: dict[str, Any], thumbnails: dict[int, bytes], playable: bool
+    captions: dict[str, Any],
+    summary: dict[str, Any],
+    thumbnails: dict[int, bytes],
+    playable: bool,
+    failed: Sequence[dict[str, Any]] = (),
 ) -> str:
     summaries = {int(c.get("index", -1)): str(c.get("summary", "")) for c in summary.get("chunks") or []}
+    missing: dict[int, list[dict[str, Any]]] = {}
+    for row in failed:
+        if row.get("kind") in ("caption", "summary") and isinstance(row.get("chunk"), int):
+            missing.setdefault(row["chunk"], []).append(row)
     rows = []
     for chunk in captions.get("chunks") or []:
         index = int(chunk.get("index", 0))
@@ -164,6 +184,11 @@ def _chunks_html(
             f'<p class="{kind}"><span class="label">{label}</span>{escape(str(text))}</p>'
             for label, kind, text in texts
             if text
+        )
+        paragraphs += "".join(
+            f'<p class="gap"><span class="label">No {escape(str(row["kind"]))}</span>'
+            f"{escape(str(row.get('reason')))}</p>"
+            for row in missing.get(index, [])
         )
         rows.append(
             f'<li class="chunk" data-index="{index}" {_span_attrs(chunk)}>{image}'
@@ -205,9 +230,21 @@ def render_viewer(
     if manifest.get("random_weights"):
         notice = manifest.get("notice") or "Written by a random-weight test model: this text is random."
         banner = f'<p class="banner" id="random-weights" role="alert">{escape(str(notice))}</p>'
+    if manifest.get("status") == "partial":
+        rows = manifest.get("rows") or {}
+        banner += (
+            f'<p class="banner" id="partial" role="status">Partial results: {escape(str(rows.get("failed")))} of '
+            f"{escape(str(rows.get('total')))} rows failed and are marked below. <code>omniq retry "
+            f"{escape(str(manifest.get('job_id', 'JOB_ID')))}</code> runs only those again.</p>"
+        )
     summary_text = str(summary.get("summary") or "").strip()
+    summary_gap = _gaps(manifest, "file_summary")
     summary_html = (
-        f'<p id="summary-text">{escape(summary_text)}</p>' if summary_text else '<p class="empty">No summary.</p>'
+        f'<p id="summary-text">{escape(summary_text)}</p>'
+        if summary_text
+        else f'<p class="gap">No summary: {escape(str(summary_gap[0].get("reason")))}</p>'
+        if summary_gap
+        else '<p class="empty">No summary.</p>'
     )
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -237,12 +274,12 @@ def render_viewer(
 </div>
 <section class="card" id="transcript">
 <h2>Transcript</h2>
-{_segments_html(transcript, playable)}
+{_segments_html(transcript, playable, _gaps(manifest, "transcript"))}
 </section>
 </main>
 <section id="timeline">
 <h2>Timeline</h2>
-{_chunks_html(captions, summary, dict(thumbnails), playable)}
+{_chunks_html(captions, summary, dict(thumbnails), playable, manifest.get("failed_rows") or [])}
 </section>
 <script>{SCRIPT}</script>
 </body>
@@ -292,7 +329,7 @@ def load_viewer_inputs(storage: Storage, media_id: str, manifest: dict[str, Any]
         if not storage.exists(f"{prefix}/manifest.json"):
             raise SourceNotFound(f"no results for media {media_id} in {storage.url}")
         manifest = get_json(storage, f"{prefix}/manifest.json")
-    if manifest.get("status") != "done":
+    if manifest.get("status") not in ("done", "partial"):
         raise PermanentError(f"the job for media {media_id} did not finish ({manifest.get('error')}); nothing to view")
     thumbnails: dict[int, bytes] = {}
     for key in storage.list_keys(f"{prefix}/{THUMBNAIL_DIR}"):

@@ -38,6 +38,9 @@ button.time { font: 600 13px/1.5 ui-monospace, SFMono-Regular, Menlo, monospace;
   background: none; border: 0; padding: 0; cursor: pointer; white-space: nowrap; }
 button.time:disabled { color: var(--muted); cursor: default; }
 .empty { color: var(--muted); font-style: italic; }
+.gap { color: var(--warn-fg); background: var(--warn-bg); border-radius: 6px; font-style: italic; }
+li.gap { display: flex; align-items: baseline; gap: 10px; padding: 6px 8px; margin: 2px 0; }
+p.gap { padding: 2px 6px; }
 #timeline { margin-top: 20px; margin-bottom: 30px; }
 #chunk-list { list-style: none; margin: 0; padding: 0; display: grid; gap: 14px;
   grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }

@@ -67,6 +67,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+PUBLISHED = ("done", "partial")  # manifests whose results are indexed (a partial job's good rows are published)
+
+
 def _span(item: dict[str, Any]) -> tuple[float, float]:
     return float(item.get("start", 0.0)), float(item.get("end", 0.0))
 
@@ -74,12 +77,13 @@ def _span(item: dict[str, Any]) -> tuple[float, float]:
 def entries_from_results(
     manifest: dict[str, Any], transcript: dict[str, Any], captions: dict[str, Any], summary: dict[str, Any]
 ) -> list[IndexEntry]:
-    """Index entries from one job's result documents (the README contract); [] unless the job is done.
+    """Index entries from one job's result documents (the README contract); [] unless the job is done
+    (or partial: its good rows).
 
     A chunk's visual and audio captions become one "caption" entry (joined by ``CAPTION_JOINER``): they
     describe the same span, so a query may combine what is seen with what is heard, and one moment is one hit.
     """
-    if manifest.get("status") != "done":
+    if manifest.get("status") not in PUBLISHED:
         return []
     media_id, source, tag = str(manifest["media_id"]), str(manifest.get("source") or ""), manifest.get("tag")
     language = manifest.get("language") or transcript.get("language")
@@ -115,10 +119,10 @@ def _read_json(storage: Storage, key: str) -> dict[str, Any]:
 
 
 def _done_entries(storage: Storage, media_id: str) -> list[IndexEntry] | None:
-    """A job's index entries read from the store, or None when its manifest is not done."""
+    """A job's index entries read from the store, or None when its manifest is not done or partial."""
     prefix = f"results/{media_id}"
     manifest = _read_json(storage, f"{prefix}/manifest.json")
-    if manifest.get("status") != "done":
+    if manifest.get("status") not in PUBLISHED:
         return None
     manifest = {**manifest, "media_id": media_id}  # the store's key is the id the index must use
     documents = [_read_json(storage, f"{prefix}/{name}.json") for name in ("transcript", "captions", "summary")]
@@ -129,7 +133,7 @@ def _done_entries(storage: Storage, media_id: str) -> list[IndexEntry] | None:
 
 
 def _index_done_media(storage: Storage, media_id: str, index: SearchIndex) -> int | None:
-    """Index one job if its manifest is done (returns its entry count); else remove it and return None."""
+    """Index one job if its manifest is done or partial (returns its entry count); else remove it and return None."""
     entries = _done_entries(storage, media_id)
     if entries is None:
         index.remove_media(media_id)
@@ -140,7 +144,8 @@ def _index_done_media(storage: Storage, media_id: str, index: SearchIndex) -> in
 def index_media(storage: Storage, media_id: str, index: SearchIndex) -> int:
     """(Re)index one job from ``results/<media_id>/`` in ``storage``; returns the number of entries.
 
-    A media whose manifest is not done is removed from the index. ``storage`` is a ``pipeline.storage.Storage``.
+    A media whose manifest is not done or partial is removed from the index. ``storage`` is a
+    ``pipeline.storage.Storage``.
     """
     return _index_done_media(storage, media_id, index) or 0
 

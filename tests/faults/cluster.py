@@ -211,7 +211,7 @@ class Cluster:
     def wait(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
         def finished() -> dict[str, dict[str, Any]] | None:
             jobs = {j: self.state.get(j) for j in job_ids}
-            if all(job and job["status"] in ("done", "failed", "cancelled") for job in jobs.values()):
+            if all(job and job["status"] in ("done", "partial", "failed", "cancelled") for job in jobs.values()):
                 return jobs  # type: ignore[return-value]
             return None
 
@@ -221,7 +221,7 @@ class Cluster:
             states = {}
             for job_id in job_ids:
                 job = self.state.get(job_id) or {}
-                if job.get("status") not in ("done", "failed", "cancelled"):
+                if job.get("status") not in ("done", "partial", "failed", "cancelled"):
                     leases = {k: self.state.redis.get(k) for k in self.state.redis.scan_iter(f"omniq:lease:{job_id}:*")}
                     states[job_id] = {"job": job, "units": self.state.units(job_id), "leases": leases}
             raise AssertionError(f"{error}\nunfinished: {json.dumps(states, indent=1)}") from None

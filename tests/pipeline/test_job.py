@@ -196,7 +196,7 @@ def test_cli_run_json_exit_codes(media, tiny_cache_dir, tmp_path):
     assert completed.returncode == 1, completed.stderr
     outcomes = json.loads(completed.stdout)
     assert [o["status"] for o in outcomes] == ["done", "failed"]
-    assert all(set(o) == {"source", "media_id", "status", "result_uri", "error"} for o in outcomes)
+    assert all(set(o) == {"source", "media_id", "status", "result_uri", "error", "failed_rows"} for o in outcomes)
     assert "bad.mkv" in outcomes[1]["error"]
     failed_manifest = tmp_path / "out" / "results" / outcomes[1]["media_id"] / "manifest.json"
     assert outcomes[1]["result_uri"] == failed_manifest.parent.as_uri()  # a failed file has results too

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import failpoints
 from pipeline.config import Settings, redacted
 from pipeline.errors import ConfigError, OmniqError
 from pipeline.sources import display_source
 
 log = logging.getLogger("omniq")
+
+# Exit statuses of every command (README, "Exit statuses"); 5: ``run`` finished some files only partially
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_REDIS, EXIT_NO_STORAGE, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -52,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.storage import open_storage
 
     settings = _settings(args).model_copy(update={"storage_url": args.out})
+    failpoints.install(settings.failpoints)
     check_transcriber(settings)
     storage = open_storage(args.out, settings)
     sources, rejected, ignored = _discover_for_run(args, settings)
@@ -69,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.json and ignored:
         print(_ignored_note(ignored).removeprefix(", "), file=sys.stderr)
     _list_ignored(ignored, args.verbose)
-    if engine is not None and engine.random_weights and any(o.status == "done" for o in outcomes):
+    if engine is not None and engine.random_weights and any(o.status in ("done", "partial") for o in outcomes):
         random = "the transcripts, captions and summaries are random text"
         if settings.transcriber_name == "whisper":
             random = (
@@ -84,7 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps([o.to_dict() for o in outcomes], indent=2))
     if not outcomes:
         raise ConfigError("nothing to run: the directories and prefixes given hold no media files")
-    return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
+    if any(o.status not in ("done", "skipped", "partial") for o in outcomes):
+        return EXIT_FAILED
+    return EXIT_PARTIAL if any(o.status == "partial" for o in outcomes) else EXIT_OK
 
 
 def _discover_for_run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any], list[Any], list[str]]:
@@ -110,6 +117,14 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
             f"done    {source} -> {outcome.result_uri} "
             f"({manifest.get('chunks')} chunks, {manifest.get('duration_s', 0):.1f} s of media, "
             f"{manifest.get('timings', {}).get('total_s', 0):.1f} s)\n"
+            f"        view: {manifest.get('outputs', {}).get('index.html', outcome.result_uri + '/index.html')}"
+        )
+    if outcome.status == "partial":
+        rows = manifest.get("rows") or {}
+        return (
+            f"partial {source} -> {outcome.result_uri} ({rows.get('failed')} of {rows.get('total')} rows failed, "
+            "the rest is published; running it again reruns only those)\n"
+            f"        {outcome.error}\n"
             f"        view: {manifest.get('outputs', {}).get('index.html', outcome.result_uri + '/index.html')}"
         )
     if outcome.status == "skipped":
@@ -163,6 +178,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.notify import check_target
 
     settings = Settings()
+    failpoints.install(settings.failpoints)  # read once, here: the pool's processes inherit them
     check_target(settings)  # a half-set notification target stops the worker here, not silently later
     if args.queue == GPU_QUEUE:
         check_transcriber(settings)  # a Whisper model that is not there stops the worker here
@@ -438,8 +454,17 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Exit statuses of every command (README, "Exit statuses").
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_REDIS, EXIT_NO_STORAGE = 0, 1, 2, 3, 4
+def setting_problems(error: ValueError) -> str:
+    """A settings error in one line: ``OMNIQ_NAME: what is wrong`` for each bad setting."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    parts = []
+    for problem in error.errors():
+        name = "OMNIQ_" + "_".join(str(part) for part in problem["loc"]).upper() if problem["loc"] else "settings"
+        parts.append(f"{name}: {str(problem['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 def _unreachable_reason(error: BaseException) -> str:
@@ -473,5 +498,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"omniq: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as error:  # pydantic validation of settings
-        print(f"omniq: invalid setting: {error}", file=sys.stderr)
+        print(f"omniq: invalid setting: {setting_problems(error)}", file=sys.stderr)
         return EXIT_USAGE

@@ -29,9 +29,12 @@ def add_commands(commands: Any) -> None:
     cancel.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     cancel.set_defaults(func=cmd_cancel)
 
-    retry = commands.add_parser("retry", help="run failed (or cancelled) jobs again with their original settings")
+    retry = commands.add_parser(
+        "retry",
+        help="run failed or cancelled jobs again with their original settings; a partial job runs only its failed rows",
+    )
     retry.add_argument("job_ids", nargs="*", metavar="JOB_ID")
-    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--failed", action="store_true", help="every failed and every partial job")
     retry.add_argument("--json", action="store_true")
     retry.set_defaults(func=cmd_retry)
 
@@ -83,7 +86,7 @@ def job_details(state: Any, settings: Settings, jobs: list[dict[str, Any]], now:
     served = live_queues(state.redis) if active else {}
     rows = []
     for job in jobs:
-        row = {k: job[k] for k in ("job_id", "source", "status", "chunks_total", "chunks_done", "error")}
+        row = {k: job[k] for k in ("job_id", "source", "status", "chunks_total", "chunks_done", "error", "failed_rows")}
         row |= {"age_s": None, "progress_age_s": None, "leases": {}, "retry": None, "waiting_for": None}
         view = views.get(job["job_id"])
         if view is not None:
@@ -104,6 +107,8 @@ def job_details(state: Any, settings: Settings, jobs: list[dict[str, Any]], now:
 def _status_line(row: dict[str, Any]) -> str:
     error = f"  {row['error']}" if row["error"] else ""
     progress = f"{row['chunks_done']}/{row['chunks_total']} chunks"
+    if row.get("status") == "partial":
+        progress += f", {row['failed_rows']} rows failed (omniq retry {row['job_id']})"
     line = f"{row['job_id']}  {row['status']:<11} {progress}  {display_source(row['source'])}{error}"
     if row["age_s"] is None:
         return line
@@ -173,15 +178,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
     settings = Settings()
     state = _state(settings)
     if not args.job_ids and not args.failed:
-        raise ConfigError("name the jobs to run again (omniq retry JOB_ID...), or give --failed for every failed job")
+        raise ConfigError(
+            "name the jobs to run again (omniq retry JOB_ID...), or give --failed for every failed and partial job"
+        )
     job_ids = list(args.job_ids) or state.failed_ids()
     storage = open_storage(settings.storage_url, settings)
     code, outcomes = 0, []
     for job_id in job_ids:
         status, spec = state.status(job_id), state.spec(job_id)
-        if status not in ("failed", "cancelled") or spec is None:
+        if status not in ("failed", "partial", "cancelled") or spec is None:
             why = "unknown" if status is None else status
-            print(f"omniq: job {job_id} is {why}: only failed or cancelled jobs can be retried", file=sys.stderr)
+            print(
+                f"omniq: job {job_id} is {why}: only failed, partial or cancelled jobs can be retried", file=sys.stderr
+            )
             code = 1
             continue
         # the job's own output-shaping settings (model included), as when it was first enqueued; only those,
@@ -192,8 +201,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"omniq: job {job_id} cannot be retried: its record in Redis is malformed ({error})", file=sys.stderr)
             code = 1
             continue
+        # a partial job keeps its chunk packs and good rows: its new run reruns only the failed rows (not forced,
+        # which would start from nothing); a failed or cancelled job starts again
         outcome = enqueue(
-            [spec["source"]], job_settings, storage, state, force=True, tag=spec.get("tag"), priority=spec["priority"]
+            [spec["source"]],
+            job_settings,
+            storage,
+            state,
+            force=status != "partial",
+            tag=spec.get("tag"),
+            priority=spec["priority"],
         )[0]
         outcomes.append(outcome.to_dict())
         if not args.json:

@@ -274,7 +274,7 @@ def find_media_id(target: str, storage: Storage, settings: Settings) -> str:
         if len(parts) != 3 or parts[2] != "manifest.json":
             continue
         manifest = get_json(storage, key)
-        if manifest.get("source") == uri and manifest.get("status") == "done":
+        if manifest.get("source") == uri and manifest.get("status") in ("done", "partial"):
             finished = str(manifest.get("finished_at") or "")
             if newest is None or finished > newest[0]:
                 newest = (finished, parts[1])
