@@ -77,7 +77,9 @@ def test_a_batch_with_one_bad_row_is_run_again_in_halves_and_keeps_the_others(se
     try:
 
         def rows():
-            requests = [prompts.chunk_summary_request(10.0 * i, 10.0 * i + 10, f"part {i}", "", "", 8) for i in range(3)]
+            requests = [
+                prompts.chunk_summary_request(10.0 * i, 10.0 * i + 10, f"part {i}", "", "", 8) for i in range(3)
+            ]
             for index, request in enumerate(requests):
                 request.chunk = index
             return requests
