@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     max_duration_seconds: float = Field(default=6 * 3600.0, gt=0)
     max_dimension: int = Field(default=8192, gt=0)
     ffmpeg_timeout_seconds: float = Field(default=3600.0, gt=0)
+    # Step deadlines (README "Deadlines"): the floor of every deadline, plus this many seconds per second of the
+    # work's media, per token a model call may write, and per byte a download brings at this rate
+    deadline_min_seconds: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    deadline_factor: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    deadline_token_seconds: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    deadline_bytes_per_second: float = Field(default=1024.0**2, gt=0, allow_inf_nan=False)
     probe_timeout_seconds: float = Field(default=60.0, gt=0)
 
     # Storage lifecycle

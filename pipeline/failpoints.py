@@ -10,12 +10,16 @@ the other settings, when ``omniq run`` or ``omniq worker`` starts (:func:`instal
     media.ffmpeg=hang                      the first ffmpeg decode of the process reads a stalled input
 
 ``infer.row`` takes ``chunk`` (a number) and ``kind`` (``transcript``, ``caption``, ``summary`` or
-``file_summary``), each optional (absent: every chunk, every kind). ``hang`` fires once per process.
+``file_summary``), each optional (absent: every chunk, every kind). ``hang`` fires once per worker: in the first
+of its processes to get there (a marker file made with ``O_EXCL``, shared by the processes a worker forks), and
+not again after the worker restarts itself in place (:func:`unfired`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -84,28 +88,54 @@ def parse(text: str) -> dict[str, Failpoint]:
 _installed: dict[str, Failpoint] = {}
 _lock = threading.Lock()
 _hung = threading.Event()  # never set: what a hanging failpoint waits on
+_marks: str | None = None  # the folder of "this hang fired" markers, shared with forked processes
 
 
 def install(text: str) -> None:
     """Arm the failpoints of ``text`` (``OMNIQ_FAILPOINTS``, validated by the settings) in this process."""
+    global _marks
     points = parse(text)
     with _lock:
         _installed.clear()
         _installed.update(points)
+        if any(p.action == "hang" for p in points.values()):
+            _marks = tempfile.mkdtemp(prefix="omniq-failpoints-")
     if points:
         log.warning("failpoints armed (OMNIQ_FAILPOINTS): %s", "; ".join(p.describe() for p in points.values()))
 
 
+def _fire_once(point: Failpoint) -> bool:
+    """True for the first caller among this worker's processes (a marker file created exclusively)."""
+    if _marks is None:
+        return not point.fired
+    try:
+        os.close(os.open(os.path.join(_marks, point.name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
 def armed(name: str, **context: object) -> bool:
-    """Whether failpoint ``name`` would fire here (for places that act themselves, e.g. a stalled ffmpeg input)."""
+    """Whether failpoint ``name`` fires here (for places that act themselves, e.g. a stalled ffmpeg input)."""
     point = _installed.get(name)
     if point is None or not point.matches(context):
         return False
     with _lock:
-        if point.action == "hang" and point.fired:
-            return False  # once per process
+        if point.action == "hang" and not _fire_once(point):
+            return False  # once per worker
         point.fired += 1
     return True
+
+
+def unfired() -> str:
+    """The armed failpoints without the hangs that fired: what a worker that restarts itself arms again."""
+    with _lock:
+        points = [p for p in _installed.values() if not (p.action == "hang" and (p.fired or _fired_elsewhere(p)))]
+    return ";".join(p.describe() for p in points)
+
+
+def _fired_elsewhere(point: Failpoint) -> bool:
+    return _marks is not None and os.path.exists(os.path.join(_marks, point.name))
 
 
 def hit(name: str, **context: object) -> None:

@@ -14,14 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline import failpoints, languages, prompts
+from pipeline import deadlines, failpoints, languages, prompts
 from pipeline.config import Settings
 from pipeline.engines import whisper
 from pipeline.engines.base import Engine, GenerationRequest, GenerationResult
@@ -183,8 +183,24 @@ def whisper_for(settings: Settings) -> whisper.WhisperTranscriber:
     return whisper.transcriber(settings.whisper_model, settings.device, settings.whisper_compute_type)
 
 
+def _whisper_watch(
+    settings: Settings, what: str, item: ChunkMedia, owner: deadlines.Owner | None
+) -> AbstractContextManager[deadlines.Deadline]:
+    """A Whisper call's deadline: the floor plus its chunk's audio (README "Deadlines")."""
+    audio = len(item.audio) / extract.SAMPLE_RATE if item.audio is not None else 0.0
+    seconds = deadlines.model_seconds(settings, audio, 0)
+    return deadlines.watch(
+        f"whisper {what} of chunk {item.chunk.index}", seconds, deadlines.MODEL, (owner,) if owner else ()
+    )
+
+
 def _align_rows(
-    asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str, results: dict[int, ChunkResult]
+    asr: whisper.WhisperTranscriber,
+    media: Sequence[ChunkMedia],
+    language: str,
+    results: dict[int, ChunkResult],
+    settings: Settings,
+    owner: deadlines.Owner | None = None,
 ) -> None:
     """Word times for Qwen3-Omni's transcript segments, by forced alignment (in Whisper's thread); segments kept
     from an earlier run have theirs."""
@@ -195,13 +211,20 @@ def _align_rows(
             continue
         started = time.perf_counter()
         spans = [(s["start"], s["end"], s["text"]) for s in todo]
-        for segment, words in zip(todo, asr.align(item.audio, item.chunk.media_start, spans, language), strict=True):
+        with _whisper_watch(settings, "alignment", item, owner):
+            aligned = asr.align(item.audio, item.chunk.media_start, spans, language)
+        for segment, words in zip(todo, aligned, strict=True):
             segment["words"] = [w.to_dict() for w in words]
         result.asr_seconds += time.perf_counter() - started
 
 
 def _whisper_rows(
-    asr: whisper.WhisperTranscriber, media: Sequence[ChunkMedia], language: str | None, results: dict[int, ChunkResult]
+    asr: whisper.WhisperTranscriber,
+    media: Sequence[ChunkMedia],
+    language: str | None,
+    results: dict[int, ChunkResult],
+    settings: Settings,
+    owner: deadlines.Owner | None = None,
 ) -> None:
     """Whisper's transcript of each chunk's utterances into ``results`` (in Whisper's thread). A chunk Whisper
     cannot transcribe is a failed row of its own; a transient error stops the unit (it is retried)."""
@@ -212,7 +235,8 @@ def _whisper_rows(
         result = results[item.chunk.index]
         try:
             failpoints.hit("infer.row", chunk=item.chunk.index, kind=prompts.TRANSCRIPT)
-            heard = asr.transcribe(item.audio, item.chunk.media_start, item.utterances, language)
+            with _whisper_watch(settings, "transcript", item, owner):
+                heard = asr.transcribe(item.audio, item.chunk.media_start, item.utterances, language)
         except TransientError:
             raise
         except Exception as error:
@@ -364,7 +388,7 @@ def _infer_group(
         by_whisper = [m for m in media if plans[m.chunk.index].whisper]
         if by_whisper:  # Whisper writes the transcript, beside the model
             asr = whisper_for(settings)
-            heard = asr.submit(_whisper_rows, asr, by_whisper, language, results)
+            heard = asr.submit(_whisper_rows, asr, by_whisper, language, results, settings, deadlines.current_owner())
         for item in media:
             rows = plans[item.chunk.index]
             for start, end in rows.utterances:  # one row per utterance: its speech's times
@@ -386,7 +410,8 @@ def _infer_group(
         if omni_spoken and settings.align_words and whisper.can_align(settings.whisper_model, language):
             try:
                 asr = whisper_for(settings)
-                asr.submit(_align_rows, asr, omni_spoken, language, results).result()
+                owner = deadlines.current_owner()
+                asr.submit(_align_rows, asr, omni_spoken, language, results, settings, owner).result()
             except (ConfigError, ModelError, RuntimeError) as error:  # word times are extra: the text stands
                 log.warning(
                     "word alignment with whisper %s failed; utterance times only: %s", settings.whisper_model, error

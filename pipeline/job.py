@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from pipeline import deadlines
 from pipeline.config import Settings, config_hash_of
 from pipeline.engines.base import Engine
 from pipeline.errors import OmniqError
@@ -115,11 +116,13 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
         put_json(storage, plan_key, stored.to_dict())
         return stored
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="omniq-ingest-") as temp:
+    watched = deadlines.watch(f"ingest of {spec.source}", settings.deadline_min_seconds)
+    with watched, tempfile.TemporaryDirectory(prefix="omniq-ingest-") as temp:
         directory = Path(temp)
-        local = fetch_source(spec.input_uri, directory, settings, name=spec.source)
+        local = fetch_source(spec.input_uri, directory, settings, name=spec.source)  # allows for its download
         info = probe_media(local, spec.source)
         check_limits(info, settings, spec.source)
+        deadlines.allow(deadlines.ingest_seconds(settings, info.duration_s))
         media = extract.extract_media(
             local,
             directory / "decoded",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from pipeline import deadlines
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, LimitExceeded, SourceNotFound
 
@@ -120,7 +121,9 @@ def fetch_source(uri: str, directory: Path, settings: Settings, name: str | None
     client = s3_client(settings)
     try:
         head = client.head_object(Bucket=bucket, Key=key)
-        check_size(int(head.get("ContentLength", 0)), settings, name)
+        size = int(head.get("ContentLength", 0))
+        check_size(size, settings, name)
+        deadlines.allow(deadlines.download_seconds(settings, size))  # a slower trickle is stopped at the deadline
         # s3transfer reads one version (its GETs carry If-Match with the ETag it measured); the guard counts
         # what arrives, whatever any HEAD said
         client.download_file(bucket, key, str(target), Callback=_SizeGuard(settings, name))

@@ -99,6 +99,19 @@ count_death(KEYS[2], ARGV[1])
 return deaths_of(KEYS[2], ARGV[1])[1]
 """
 )
+# KEYS: lease, units; ARGV: holder, unit — a unit this holder ran was stopped at its deadline: counted like a death
+# (and as a timeout), its lease and its 'started' go, so the next run neither waits for the lease nor counts again
+_TIME_OUT = (
+    _COUNT_DEATH
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[2] .. ':started')
+count_death(KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':timeouts', 1)
+return deaths_of(KEYS[2], ARGV[2])[1]
+"""
+)
 # KEYS: units; ARGV: unit — the unit now runs alone in its worker: a death from here on is its own
 _SOLO = "redis.call('HSET', KEYS[1], ARGV[1] .. ':shared', '0')"
 _RELEASE = """
@@ -197,6 +210,7 @@ class Leases:
         self._solo = client.register_script(_SOLO)
         self._release = client.register_script(_RELEASE)
         self._hand_back = client.register_script(_HAND_BACK)
+        self._time_out = client.register_script(_TIME_OUT)
         self._held: dict[str, str] = {}  # lease key -> holder
         self._units: dict[str, tuple[str, str]] = {}  # lease key -> (job id, unit)
         self._lock = threading.Lock()
@@ -263,6 +277,18 @@ class Leases:
             self._hand_back(keys=[key, JobState.key(job_id, "units")], args=[holder, unit])
         except redis.exceptions.RedisError as error:
             log.warning("could not hand back lease %s (it expires by itself): %s", key, error)
+
+    def time_out(self, job_id: str, unit: str, holder: str) -> int:
+        """A unit this process held was stopped at its deadline: count it like a death and let its lease go.
+        Returns the unit's own deaths (see ``_COUNT_DEATH``), -1 when the lease is no longer ``holder``'s."""
+        key = self._let_go(job_id, unit)
+        return int(self._time_out(keys=[key, JobState.key(job_id, "units")], args=[holder, unit]))
+
+    def time_out_held(self, job_id: str, unit: str) -> int:
+        """:meth:`time_out` for a unit whose holder this process knows (a model call that hung holds it)."""
+        with self._lock:
+            holder = self._held.get(lease_key(job_id, unit))
+        return -1 if holder is None else self.time_out(job_id, unit, holder)
 
     def release_all(self) -> None:
         """Hand back every unit this process holds (on shutdown): the leases go, and the units count as not

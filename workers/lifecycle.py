@@ -3,14 +3,26 @@ stops."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
+import time
 from typing import Any
 
 from celery import signals
 
-from workers import notify, tasks, watchdog
+from pipeline import deadlines as step_deadlines
+from pipeline import failpoints
+from workers import deadlines, notify, tasks, watchdog
 from workers.app import GPU_TASKS
+
+
+@signals.worker_init.connect
+def _enforce_deadlines(**_: Any) -> None:
+    """A step past its deadline is stopped for real in workers (``workers.deadlines``); the pool's processes
+    inherit this."""
+    step_deadlines.install(deadlines.deadline_passed)
 
 
 @signals.worker_ready.connect
@@ -37,6 +49,27 @@ _shutdown_requested = threading.Event()
 def shutdown_requested() -> bool:
     """Whether this worker was asked to stop (a signal); any other exit of the worker is unexpected."""
     return _shutdown_requested.is_set()
+
+
+def restart_requested() -> bool:
+    """Whether this worker stops in order to start again (a model call passed its deadline)."""
+    return deadlines.RESTART.is_set()
+
+
+def start_again(code: int, why: str) -> None:
+    """Replace this process with a fresh ``omniq worker`` (same arguments), after a pause that grows with each
+    restart: what supervises a worker whose Celery gave up (e.g. kombu failing to requeue while Redis restarts)
+    or whose model hung. Its leases expire or were let go, and the watchdog sends their units again, as for any
+    dead worker. A failpoint hang that fired is not armed again (``pipeline.failpoints``)."""
+    restarts = int(os.environ.get("OMNIQ_WORKER_RESTARTS", "0")) + 1
+    delay = min(30.0, 2.0**restarts)
+    print(f"omniq worker: {why}; starting it again in {delay:.0f} s", file=sys.stderr, flush=True)
+    logging.shutdown()
+    time.sleep(delay)
+    os.environ["OMNIQ_WORKER_RESTARTS"] = str(restarts)
+    if os.environ.get("OMNIQ_FAILPOINTS"):
+        os.environ["OMNIQ_FAILPOINTS"] = failpoints.unfired()
+    os.execv(sys.executable, [sys.executable, "-m", "workers.cli", *sys.argv[1:]])  # noqa: S606 - no shell
 
 
 @signals.worker_shutting_down.connect

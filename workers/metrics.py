@@ -48,6 +48,9 @@ QUEUE_WAIT = Histogram(
 TASK_SECONDS = Histogram(
     "omniq_task_seconds", "Task run time", (*LABELS, "task"), buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200)
 )
+DEADLINES = Counter(
+    "omniq_deadlines_passed", "Steps and model calls stopped at their deadline (README Deadlines)", ("queue", "kind")
+)  # kind: step (ingest, finalize: their ffmpeg killed) | model (generate, Whisper: the worker restarts)
 RETRIES = Counter("omniq_task_retries", "Task retries after transient errors", (*LABELS, "task"))
 RECOVERED = Counter(
     "omniq_recovered_units", "Units of work the watchdog sent again, by why", ("queue", "model", "reason")

@@ -22,7 +22,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from kombu.exceptions import OperationalError
 
-from pipeline import job
+from pipeline import deadlines, job
 from pipeline.config import Settings
 from pipeline.engines.base import Engine
 from pipeline.errors import MalformedMessage, OmniqError, SourceNotFound, TransientError
@@ -207,13 +207,15 @@ class OmniqTask(Task):
             holder = holder_name(lease.other)
             log.info("dropping a duplicate %s of job %s: %s is held by %s", self.name, job_id, unit, holder)
             return None
+        chunks = kwargs.get("chunks")
         try:
             if lease.died_now:
                 metrics.WORKER_DEATHS.labels(queue=self.queue_name, model=settings().model).inc()
-                if lease.deaths >= settings().max_worker_deaths:
-                    chunks = kwargs.get("chunks")
-                    give_up(job_id, unit, chunks, f"worker died {lease.deaths} times while {describe(unit, chunks)}")
-                    return None
+            # (deaths counted when a model call hung are on the unit before it starts again)
+            if lease.deaths >= settings().max_worker_deaths:
+                give_up(job_id, unit, chunks, _death_reason(job_id, unit, chunks, lease.deaths))
+                return None
+            deadlines.set_owner((job_id, unit))  # work it hands to the model is watched for this unit
             with _gate_for(job_id, unit, lease) if shared else nullcontext():
                 result = super().__call__(*args, **kwargs)
             state().unit_done(job_id, unit)
@@ -221,8 +223,33 @@ class OmniqTask(Task):
             return result
         except TRANSIENT as error:
             raise self._retry_later(job_id, unit, error) from error
+        except deadlines.DeadlineExceeded as error:  # stopped at its deadline: counted like a death, sent again
+            raise self._after_deadline(job_id, unit, chunks, lease, error) from error
         finally:
+            deadlines.set_owner(None)
             leases().release(job_id, unit, lease.holder)
+
+    def _after_deadline(
+        self, job_id: str, unit: str, chunks: list[int] | None, lease: Acquired, error: deadlines.DeadlineExceeded
+    ) -> BaseException:
+        """Count a step stopped at its deadline like a death of its unit; run it again later, or give it up."""
+        deaths = leases().time_out(job_id, unit, lease.holder)
+        metrics.WORKER_DEATHS.labels(queue=self.queue_name, model=settings().model).inc()
+        if deaths >= settings().max_worker_deaths:
+            give_up(job_id, unit, chunks, _death_reason(job_id, unit, chunks, deaths))
+            return Ignore()
+        config = settings()
+        delay = retry_delay(self.request.retries, config.retry_min_seconds, config.retry_max_seconds)
+        reason = f"{describe(unit, chunks)} was stopped at its deadline: {error}"
+        log.error("%s of job %s: %s; next attempt in %.0f s", unit, job_id, reason, delay)
+        try:
+            state().unit_retrying(job_id, unit, reason, time.time() + delay)
+            return self.retry(exc=error, countdown=delay)
+        except Retry as retry:
+            return retry
+        except Exception as unsent:  # Redis is down: the watchdog sends the unit again once it is back
+            log.warning("%s of job %s: cannot schedule its retry (%s); the watchdog resends it", unit, job_id, unsent)
+            return Ignore()
 
     def _retry_later(self, job_id: str, unit: str, error: BaseException) -> BaseException:
         """Retry with backoff until the budget is spent; then the error becomes the job's failure."""
@@ -288,6 +315,14 @@ class OmniqTask(Task):
             give_up(job_id, unit_of(self.name, kwargs), kwargs.get("chunks"), error_text(exc), kwargs.get("spec"))
         elif job_id:
             fail_job(job_id, error_text(exc), kwargs.get("spec"))
+
+
+def _death_reason(job_id: str, unit: str, chunks: list[int] | None, deaths: int) -> str:
+    """Why a unit is given up at the death limit: ``worker died 3 times while ingesting (2 of them at the step's
+    deadline)``."""
+    reason = f"worker died {deaths} times while {describe(unit, chunks)}"
+    timeouts = int(state().units(job_id).get(f"{unit}:timeouts") or 0)
+    return reason + (f" ({min(timeouts, deaths)} of them at its deadline)" if timeouts else "")
 
 
 def _refuse_message(task: str, task_id: str | None, kwargs: dict[str, Any], error: MalformedMessage) -> None:
@@ -568,7 +603,10 @@ def finalize(self: Task, job_id: str, source: str) -> None:
         return
     created = float((state().redis.hget(JobState.key(job_id), "created_at")) or time.time())
     timings = state().timings(job_id) | {"total_s": round(time.time() - created, 3)}
-    manifest = job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
+    # reads every chunk's result and writes the result files: the floor plus the media's duration
+    seconds = settings().deadline_min_seconds + deadlines.ingest_seconds(settings(), plan.info.duration_s)
+    with deadlines.watch(f"finalize of job {job_id}", seconds):
+        manifest = job.finalize(plan, storage(), job.settings_for(plan.spec, settings()), timings)
     _finish(job_id, manifest)
     job.update_index(_index_or_none(), storage(), plan.spec.media_id)
 

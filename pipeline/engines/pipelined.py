@@ -23,9 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import deadlines
 from pipeline.config import Settings
 from pipeline.engines.base import SAMPLE_RATE, GenerationRequest, GenerationResult
 from pipeline.engines.omni import OmniEngine, batch_key
@@ -66,6 +68,7 @@ class _Row:
     tokens: int
     prepared: _Countdown | None = None
     arrived: float = field(default_factory=time.monotonic)
+    owner: deadlines.Owner | None = None  # the (job, unit) of the caller, whose work a hung call holds up
 
 
 @dataclass
@@ -106,6 +109,7 @@ class PipelinedEngine:
         self.gather_seconds = settings.batch_gather_ms / 1000.0
         self.max_pixels = settings.frame_max_pixels
         self.default_fps = settings.fps
+        self.settings = settings
         self.stats = PipelineStats()
         self._pending: list[_Row] = []
         self._condition = threading.Condition()
@@ -149,7 +153,7 @@ class PipelinedEngine:
         """Queue one request; its future gets the result (or the exception that stopped its batch)."""
         self._start()
         row = _Row(request, Future(), group_of(request, self.default_fps), media_tokens(request, self.max_pixels))
-        row.prepared = prepared
+        row.prepared, row.owner = prepared, deadlines.current_owner()
         with self._condition:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -218,19 +222,23 @@ class PipelinedEngine:
             requests = [row.request for row in rows]
             started = time.perf_counter()
             if isinstance(encoded, BaseException):  # the batch could not be prepared
-                self._run_apart(rows, encoded)
+                with self._watch(rows):
+                    self._run_apart(rows, encoded)
                 continue
             try:
                 try:
-                    results = self.engine.run_encoded(requests, encoded)
+                    with self._watch(rows):
+                        results = self.engine.run_encoded(requests, encoded)
                 except torch.cuda.OutOfMemoryError:
                     del encoded
                     log.warning("CUDA out of memory for a batch of %d; retrying in halves", len(rows))
                     torch.cuda.empty_cache()
-                    results = self.engine.generate_shrinking(requests)
+                    with self._watch(rows):
+                        results = self.engine.generate_shrinking(requests)
             except Exception as error:
                 if len(rows) > 1 and not isinstance(error, TransientError):
-                    self._run_apart(rows, error)
+                    with self._watch(rows):
+                        self._run_apart(rows, error)
                 else:
                     _fail(rows, error)  # handed to the callers, who raise it
                 continue
@@ -242,6 +250,15 @@ class PipelinedEngine:
             self.stats.rows += len(rows)
             for row, result in zip(rows, results, strict=True):
                 row.future.set_result(result)
+
+    def _watch(self, rows: list[_Row]) -> AbstractContextManager[deadlines.Deadline]:
+        """A model call's deadline (README "Deadlines"): the floor, its rows' media and the tokens it may write;
+        its owners are the units whose rows it runs."""
+        media = sum(_media_seconds(row.request, self.default_fps) for row in rows)
+        tokens = max(row.request.max_new_tokens for row in rows)
+        owners = tuple(sorted({row.owner for row in rows if row.owner is not None}))
+        what = f"generate of {len(rows)} rows ({','.join(sorted({row.request.kind for row in rows}))})"
+        return deadlines.watch(what, deadlines.model_seconds(self.settings, media, tokens), deadlines.MODEL, owners)
 
     def _run_apart(self, rows: list[_Row], error: Exception) -> None:
         """A batch raised ``error``: run it again in halves until the rows at fault raise alone (each gets its own
@@ -352,6 +369,13 @@ class _Countdown:
             finished = self._left == 0
         if finished:
             self._done()
+
+
+def _media_seconds(request: GenerationRequest, default_fps: float) -> float:
+    seconds = len(request.audio) / SAMPLE_RATE if request.audio is not None else 0.0
+    if request.video is not None:
+        seconds = max(seconds, len(request.video) / float(request.fps or default_fps))
+    return seconds
 
 
 def _has_video(rows: Sequence[_Row]) -> bool:

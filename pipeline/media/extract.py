@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import subprocess
+import threading
 import time
 import wave
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import BinaryIO
 import ffmpeg
 import numpy as np
 
+from pipeline import deadlines, failpoints
 from pipeline.errors import ConfigError, PermanentMediaError
 from pipeline.media.probe import MediaInfo
 
@@ -105,20 +108,52 @@ def build_extract_command(
     return command.overwrite_output().compile(cmd=ffmpeg_exe)
 
 
+_children: set[subprocess.Popen[bytes]] = set()  # the ffmpeg processes running now (killed if the step is)
+_children_lock = threading.Lock()
+
+
+def kill_children() -> int:
+    """Kill every ffmpeg this process runs (a step stopped at its deadline); returns how many."""
+    with _children_lock:
+        running = list(_children)
+    for child in running:
+        child.kill()
+    return len(running)
+
+
 def run_ffmpeg(command: list[str], timeout: float, name: str, local: Path | None = None) -> float:
-    """Run ``command`` (never through a shell) with a timeout; return its wall time in seconds.
+    """Run ``command`` (never through a shell) with a timeout, or less when the step's deadline comes sooner
+    (``pipeline.deadlines``); return its wall time in seconds. An ffmpeg past its time is killed.
 
     Errors name the input as ``name`` (its source), never as ``local``, the file ffmpeg read (a worker's
     temporary copy)."""
     started = time.monotonic()
-    try:
-        completed = subprocess.run(command, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as error:
-        raise PermanentMediaError(
-            f"{name}: ffmpeg did not finish within {timeout:.0f} s; raise OMNIQ_FFMPEG_TIMEOUT_SECONDS for long files"
-        ) from error
-    if completed.returncode != 0:
-        text = completed.stderr.decode(errors="replace")
+    allowed = deadlines.timeout_for(timeout)
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+        with _children_lock:
+            _children.add(child)
+        try:
+            _, stderr = child.communicate(timeout=allowed)
+        except subprocess.TimeoutExpired as error:
+            child.kill()
+            child.communicate()
+            if deadlines.passed():
+                deadline = deadlines.current()
+                seconds = deadline.seconds if deadline else allowed
+                raise deadlines.DeadlineExceeded(
+                    f"{name}: ffmpeg was still running at the step's deadline ({seconds:.0f} s) and was stopped"
+                ) from error
+            raise PermanentMediaError(
+                f"{name}: ffmpeg did not finish within {timeout:.0f} s; raise OMNIQ_FFMPEG_TIMEOUT_SECONDS for long "
+                "files"
+            ) from error
+        finally:
+            with _children_lock:
+                _children.discard(child)
+    if child.returncode != 0:
+        if deadlines.passed():  # killed by the step's deadline (workers.reliability.deadlines)
+            raise deadlines.DeadlineExceeded(f"{name}: ffmpeg was stopped at the step's deadline")
+        text = stderr.decode(errors="replace")
         if local is not None:
             for spelled in (f"file:{local.resolve()}", str(local.resolve()), str(local)):
                 text = text.replace(spelled, name)
@@ -169,6 +204,10 @@ def extract_media(
     states (e.g. one segment repeated in a .ts whose probe reads the first) is stopped there and refused,
     before its frames and audio fill the disk."""
     (out_dir / "frames").mkdir(parents=True, exist_ok=True)
+    if failpoints.armed("media.ffmpeg"):  # ffmpeg reads an input that never delivers a byte (a stalled read)
+        source = out_dir / "stalled-input.fifo"
+        os.mkfifo(source)
+        log.warning("failpoint media.ffmpeg=hang fired: ffmpeg reads a stalled input for %s", name)
     bound = decode_bound(info.duration_s, max_duration_seconds)
     command = build_extract_command(source, out_dir, info, fps, max_pixels, ffmpeg_binary(), bound)
     seconds = run_ffmpeg(command, timeout, name, source)

@@ -31,8 +31,8 @@ def restarts(request, monkeypatch):
 
     monkeypatch.setenv("REMAP_SIGTERM", "SIGQUIT")  # what cmd_worker sets, undone after the test
     monkeypatch.setattr(cli, "run_celery", lambda app_, argv: gave_up(argv))
-    monkeypatch.setattr(cli.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
-    monkeypatch.setattr(cli.os, "execv", execv)
+    monkeypatch.setattr(lifecycle.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    monkeypatch.setattr(lifecycle.os, "execv", execv)
     monkeypatch.setattr(cli.sys, "argv", ["omniq", "worker", "--queue", "media", "--concurrency", "1"])
     return calls
 
@@ -64,3 +64,30 @@ def test_a_worker_asked_to_stop_is_not_started_again(restarts, monkeypatch):
     finally:
         lifecycle._shutdown_requested.clear()
     assert [kind for kind, _ in restarts] == ["worker_main"] and code != 0
+
+
+def test_a_worker_whose_model_call_hung_starts_again_without_the_hang_that_fired(restarts, monkeypatch, capsys):
+    """``workers.deadlines`` asked for the restart (and sent the cold shutdown, here Celery's return): the worker
+    starts again in place, and a failpoint hang that fired is not armed in the new process."""
+    from pipeline import failpoints
+
+    monkeypatch.delenv("OMNIQ_WORKER_RESTARTS", raising=False)
+    monkeypatch.setenv("OMNIQ_FAILPOINTS", "gpu.generate=hang;infer.row=raise:chunk=1")
+
+    def hung(app_, argv):  # the worker (which armed the failpoints) hung in its first generate, then stopped
+        assert failpoints.armed("gpu.generate")
+        return 0  # the cold shutdown's exit status
+
+    monkeypatch.setattr(cli, "run_celery", hung)
+    from workers import deadlines
+
+    deadlines.RESTART.set()
+    try:
+        with pytest.raises(Restarted):
+            cli.main(["worker", "--queue", "media", "--concurrency", "1"])
+    finally:
+        deadlines.RESTART.clear()
+        failpoints.install("")
+    assert [kind for kind, _ in restarts] == ["sleep", "execv"]
+    assert cli.os.environ["OMNIQ_FAILPOINTS"] == "infer.row=raise:chunk=1"
+    assert "a model call passed its deadline" in capsys.readouterr().err

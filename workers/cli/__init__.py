@@ -9,7 +9,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -132,23 +131,6 @@ def _outcome_line(outcome) -> str:  # type: ignore[no-untyped-def]
     return f"{outcome.status:<7} {source}: {outcome.error}"
 
 
-def _start_again(code: int) -> None:
-    """The worker stopped although nobody asked it to (Celery gives up on some broker errors, e.g. kombu failing
-    to requeue messages while Redis restarts): replace this process with a fresh one, after a pause that grows
-    with each restart. Its leases expire and the watchdog sends their units again, as for any dead worker."""
-    restarts = int(os.environ.get("OMNIQ_WORKER_RESTARTS", "0")) + 1
-    delay = min(30.0, 2.0**restarts)
-    print(
-        f"omniq worker: the worker stopped unexpectedly (exit status {code}); starting it again in {delay:.0f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-    logging.shutdown()
-    time.sleep(delay)
-    os.environ["OMNIQ_WORKER_RESTARTS"] = str(restarts)
-    os.execv(sys.executable, [sys.executable, "-m", "workers.cli", *sys.argv[1:]])  # noqa: S606 - no shell
-
-
 def run_celery(app: Any, argv: list[str]) -> int:
     """Run Celery's command line and return its exit status: what ``app.worker_main`` does, but that drops the
     status, the only sign that Celery gave up (e.g. "Unrecoverable error" while Redis restarts)."""
@@ -213,10 +195,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except Exception:  # Celery gave up (e.g. kombu failing while Redis restarts): start again below
         logging.getLogger(__name__).exception("the worker stopped with an error")
         code = 1
-    from workers.lifecycle import shutdown_requested
+    from workers.lifecycle import restart_requested, shutdown_requested, start_again
 
+    if restart_requested():  # a model call passed its deadline (workers.deadlines): a fresh process takes over
+        start_again(code, "a model call passed its deadline")
     if code != 0 and not shutdown_requested():
-        _start_again(code)
+        start_again(code, f"the worker stopped unexpectedly (exit status {code})")
     if args.queue == GPU_QUEUE:
         # a model call still running in the pool thread was handed back: do not wait for it
         logging.shutdown()
