@@ -49,7 +49,46 @@ SCENARIOS = (
     "concurrent-enqueue",
     "producer-killed",
     "redis-down-cli",
+    "row-fails",
+    "gpu-hang",
+    "ffmpeg-hang",
 )
+# deadlines for the hang scenarios: the defaults (600 s floor, 1 s per second of media, 2 s per token) scaled down
+HANG_DEADLINES = {
+    "OMNIQ_DEADLINE_MIN_SECONDS": "30",
+    "OMNIQ_DEADLINE_FACTOR": "0.1",
+    "OMNIQ_DEADLINE_TOKEN_SECONDS": "0.05",
+}
+FAILPOINTS = {
+    "row-fails": ("gpu", "infer.row=raise:chunk=1:kind=caption"),
+    "gpu-hang": ("gpu", "gpu.generate=hang"),
+    "ffmpeg-hang": ("media", "media.ffmpeg=hang"),
+}
+
+
+def _logged_at(log: str, needle: str) -> float | None:
+    """The epoch time of the first log line holding ``needle`` (``2026-12-06 22:43:39,730 ...``)."""
+    from datetime import datetime
+
+    for line in log.splitlines():
+        if needle in line:
+            try:
+                return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def _timed_out(cluster: Cluster, job_ids: list[str]) -> list[tuple[str, str, float]]:
+    """(job, unit, when it was done) of every unit stopped at its deadline."""
+    found = []
+    for job_id in job_ids:
+        units = cluster.state.units(job_id)
+        for field in units:
+            if field.endswith(":timeouts"):
+                unit = field.rpartition(":")[0]
+                found.append((job_id, unit, float(units.get(f"{unit}:done") or 0)))
+    return found
 
 
 def _gpu_unit(cluster: Cluster, fresh: bool = False) -> tuple[str, str] | None:
@@ -77,9 +116,13 @@ def run(name: str, s3: S3Server, cache: Path, media: list[Path], root: Path) -> 
     cluster = Cluster(root / name, s3, {**MEDIA_ENV, "OMNIQ_CACHE_DIR": str(cache)})
     (root / name).mkdir(exist_ok=True)
     notes: list[str] = []
+    queue_env: dict[str, dict[str, str]] = {"media": {}, "gpu": {}}
+    if name in FAILPOINTS:
+        queue, failpoint = FAILPOINTS[name]
+        queue_env[queue] = {**HANG_DEADLINES, "OMNIQ_FAILPOINTS": failpoint}
     try:
-        cluster.add_worker("media", "media", concurrency=2)
-        gpu = cluster.add_worker("gpu", "gpu", wrapper=other_machine_wrapper())
+        cluster.add_worker("media", "media", concurrency=2, env=queue_env["media"])
+        gpu = cluster.add_worker("gpu", "gpu", wrapper=other_machine_wrapper(), env=queue_env["gpu"])
         started = time.monotonic()
         if name == "concurrent-enqueue":
             command = [sys.executable, "-m", "workers.cli", "enqueue", *map(str, media)]
@@ -164,6 +207,39 @@ def run(name: str, s3: S3Server, cache: Path, media: list[Path], root: Path) -> 
             pass
         jobs = [cluster.state.get(j) for j in job_ids]
         statuses = [job["status"] if job else "lost" for job in jobs]
+        if name == "row-fails":
+            rows = sum(job["failed_rows"] for job in jobs if job)
+            notes.append(f"{statuses.count('partial')} partial with {rows} failed rows, all else published")
+            gpu.kill()  # every job has ended; a worker in its own PID namespace is stopped by its group's kill
+            gpu = cluster.add_worker("gpu-again", "gpu", wrapper=other_machine_wrapper())
+            before = gpu.log_path.stat().st_size
+            retried = time.monotonic()
+            result = cluster.cli("retry", "--failed")
+            notes.append(f"`retry --failed`: exit {result.returncode}")
+            cluster.wait(job_ids, timeout=1800)
+            statuses = [(cluster.state.get(j) or {}).get("status", "lost") for j in job_ids]
+            with gpu.log_path.open("rb") as handle:
+                handle.seek(before)
+                tail = handle.read().decode(errors="replace")
+            from tests.faults.test_partial_results import generated_rows
+
+            generated = ", ".join(f"{n} {kind}" for kind, n in sorted(generated_rows(tail).items()))
+            notes.append(f"then done {time.monotonic() - retried:.0f} s later, generating only {generated}")
+        elif name in ("gpu-hang", "ffmpeg-hang"):
+            worker = gpu if name == "gpu-hang" else cluster.workers["media"]
+            log = worker.log_tail(10_000_000)
+            fired = _logged_at(log, "blocks for ever" if name == "gpu-hang" else "reads a stalled input")
+            stopped = _logged_at(log, "passed its deadline" if name == "gpu-hang" else "stopped at its deadline")
+            units = _timed_out(cluster, job_ids)
+            if fired and stopped and units:
+                deadline = stopped - fired
+                back = ", ".join(f"{done - fired:.0f}" for _, _, done in units if done)
+                notes.append(
+                    f"stopped {deadline:.0f} s after it hung (deadline 30 s + 0.1 s per s of media + 0.05 s per "
+                    f"token); {len(units)} unit(s) counted a death and done {back} s after the hang"
+                )
+            if name == "gpu-hang":
+                notes.append(f"worker restarted in place: {'starting it again' in log}")
         if name == "concurrent-enqueue":
             notes.append(f"finalized once per job: {all(cluster.counter(j, 'finalized') == 1 for j in job_ids)}")
         return {
@@ -171,7 +247,8 @@ def run(name: str, s3: S3Server, cache: Path, media: list[Path], root: Path) -> 
             "jobs": len(job_ids),
             "done": statuses.count("done"),
             "failed": statuses.count("failed"),
-            "stuck_or_lost": sum(1 for s in statuses if s not in ("done", "failed")),
+            "partial": statuses.count("partial"),
+            "stuck_or_lost": sum(1 for s in statuses if s not in ("done", "failed", "partial")),
             "wall_s": round(time.monotonic() - started, 1),
             "notes": ", ".join(notes),
         }
@@ -201,11 +278,12 @@ def main() -> None:
                 row["notes"] = f"not measured: {str(error).splitlines()[0]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| disturbance | jobs | done | failed | stuck / lost | wall | notes |\n|---|---|---|---|---|---|---|")
+    print("\n| disturbance | jobs | done | failed | partial | stuck / lost | wall | notes |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['scenario']} | {row['jobs']} | {row['done']} | {row['failed']} | {row['stuck_or_lost']} "
-            f"| {row['wall_s']} s | {row['notes']} |"
+            f"| {row['scenario']} | {row['jobs']} | {row['done']} | {row['failed']} | {row.get('partial', 0)} "
+            f"| {row['stuck_or_lost']} | {row['wall_s']} s | {row['notes']} |"
         )
 
 

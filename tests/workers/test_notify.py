@@ -36,14 +36,15 @@ def run_until(condition, *notifiers, timeout=30.0):
             each.step(block_ms=100)
 
 
-def ended_job(state, job_id, status, storage=None, error=None):
+def ended_job(state, job_id, status, storage=None, error=None, failed_rows=0):
     media_id = f"m-{job_id}"
     state.create(job_id, f"s3://media/{job_id}.mp4", media_id, {"job_id": job_id, "source": "s", "media_id": media_id})
     state.advance(job_id, "running", chunks_total=1)
     if storage is not None:
         manifest = {"status": status, "job_id": job_id, "duration_s": 12.5, "language": "en", "error": error}
+        manifest["rows"] = {"total": 7, "failed": failed_rows}
         storage.put_bytes(f"results/{media_id}/manifest.json", json.dumps(manifest).encode())
-    state.finish(job_id, status, **({"error": error} if error else {}))
+    state.finish(job_id, status, **({"error": error} if error else {}), failed_rows=failed_rows)
 
 
 def test_ended_jobs_are_posted_once_signed_with_their_results(broker, tmp_path):
@@ -55,12 +56,16 @@ def test_ended_jobs_are_posted_once_signed_with_their_results(broker, tmp_path):
         ended_job(state, "done-job", "done", storage)
         ended_job(state, "failed-job", "failed", storage, error="PermanentMediaError: not media")
         ended_job(state, "cancelled-job", "cancelled")
+        ended_job(state, "partial-job", "partial", storage, error="2 of 7 rows failed; first: ...", failed_rows=2)
         state.create("queued-job", "s", "m", {"job_id": "queued-job", "source": "s", "media_id": "m"})
-        run_until(lambda: len(receiver.acknowledged()) >= 3, sender)
+        run_until(lambda: len(receiver.acknowledged()) >= 4, sender)
         time.sleep(0.3)
         sender.step(block_ms=100)
         got = {r["body"]["job_id"]: r for r in receiver.requests}
-        assert sorted(got) == ["cancelled-job", "done-job", "failed-job"] and len(receiver.requests) == 3
+        assert sorted(got) == ["cancelled-job", "done-job", "failed-job", "partial-job"] and len(receiver.requests) == 4
+        partial = got["partial-job"]["body"]
+        assert (partial["event"], partial["status"], partial["failed_rows"]) == ("partial", "partial", 2)
+        assert partial["manifest"]["rows"] == {"total": 7, "failed": 2} and partial["result_uri"]
         assert all(r["signed"] for r in receiver.requests)
         done = got["done-job"]
         assert (

@@ -135,3 +135,21 @@ def test_tasks_have_readable_names_and_retry_policy():
         task = app.tasks[name]
         assert task.acks_late and task.reject_on_worker_lost
         assert not getattr(task, "autoretry_for", ())  # transient errors retry on a time budget instead
+
+
+def test_a_partial_job_has_ended_carries_its_count_and_is_retried_with_the_failed(state):
+    from workers.job_events import last_events
+
+    for job_id in ("p", "f", "d"):
+        state.create(job_id, "s", f"m-{job_id}", {})
+        state.advance(job_id, "running", chunks_total=2)
+    assert state.finish("p", "partial", error="2 of 7 rows failed; first: ...", failed_rows=2)
+    state.finish("f", "failed", error="PermanentMediaError: x")
+    state.finish("d", "done")
+    assert "p" not in set(state.active_ids()) and not state.advance("p", "running")  # it has ended
+    assert state.get("p")["failed_rows"] == 2 and state.get("d")["failed_rows"] == 0
+    assert sorted(state.failed_ids()) == ["f", "p"]  # omniq retry --failed takes partial jobs too
+    (event,) = [e for e in last_events(state.redis, 50) if e.event == "partial"]
+    assert (event.job_id, event.failed_rows, event.error) == ("p", 2, "2 of 7 rows failed; first: ...")
+    state.create("p", "s", "m-p", {})  # a new run starts without the count
+    assert state.get("p")["failed_rows"] == 0
