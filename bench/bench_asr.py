@@ -112,7 +112,7 @@ def child(kind: str, voices: list[str], speeds: list[int], threads: int) -> dict
     from pipeline.config import Settings
     from pipeline.media import speech
 
-    options = Settings().speech_options()
+    options = speech.SpeechOptions.from_settings(Settings())
     made = tracks(voices, speeds)
     backgrounds = {"noise": noise(int(DURATION * SAMPLE_RATE), 7), "music": music(int(DURATION * SAMPLE_RATE), 11)}
     speech.detect_speech(made[0]["track"].samples, options)  # torch and the VAD in memory: the baseline

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Settings
 from tests.servers import RedisServer
-from workers.leases import Leases
+from workers.reliability.leases import Leases
+from workers.reliability.watchdog import EPOCH, Watchdog
 from workers.state import JobState
-from workers.watchdog import EPOCH, Watchdog
 
 
 def main() -> None:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-if TYPE_CHECKING:
-    from pipeline.media.speech import SpeechOptions
 
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 TINY_MODEL = "tiny"
@@ -180,16 +176,6 @@ class Settings(BaseSettings):
                 "English language name (e.g. 'English'), or leave it unset to detect the language of each file"
             )
         return code
-
-    def speech_options(self) -> SpeechOptions:
-        """How speech spans become utterances (``pipeline.media.speech``)."""
-        from pipeline.media.speech import SpeechOptions
-
-        return SpeechOptions(
-            threshold=self.vad_threshold,
-            merge_seconds=self.utterance_merge_seconds,
-            max_utterance_seconds=self.utterance_max_seconds,
-        )
 
     def media_extension_set(self) -> frozenset[str]:
         """Lower-case extensions, each with its leading dot."""

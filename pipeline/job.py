@@ -135,7 +135,7 @@ def ingest(spec: JobSpec, settings: Settings, storage: Storage) -> JobPlan:
         )
         samples = media.audio()
         vad_started = time.monotonic()
-        options = settings.speech_options()
+        options = speech.SpeechOptions.from_settings(settings)
         spans = speech.detect_speech(samples, options) if len(samples) else []
         utterances = speech.utterances(spans, samples, info.duration_s, options)
         vad_seconds = time.monotonic() - vad_started

@@ -114,7 +114,7 @@ def signing_config(settings: Settings) -> dict[str, object]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
-    app = Celery("omniq", include=["workers.tasks", "workers.lifecycle"])
+    app = Celery("omniq", include=["workers.tasks", "workers.reliability.lifecycle"])
     app.conf.update(celery_config(settings))
     signing = signing_config(settings)
     if signing:

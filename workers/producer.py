@@ -25,11 +25,11 @@ from pipeline.discover import Discovered, Filters, discover
 from pipeline.errors import OmniqError
 from pipeline.sources import local_path
 from pipeline.storage import LocalStorage, Storage
-from workers.leases import Leases
-from workers.recovery import INGEST
-from workers.restore import record_batch
+from workers.reliability.leases import Leases
+from workers.reliability.recovery import INGEST
+from workers.reliability.restore import record_batch
+from workers.reliability.watchdog import is_stale
 from workers.state import ACTIVE, JobState
-from workers.watchdog import is_stale
 
 log = logging.getLogger(__name__)
 

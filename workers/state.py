@@ -5,8 +5,8 @@ happens in one Lua script that lets exactly one caller win. No Celery chords, no
 
 A job is done in *units*, one message each: ``ingest``, ``infer-<first chunk>`` (a batch), ``summarize`` and
 ``finalize``. For each unit the hash ``omniq:job:<id>:units`` records when it was sent, started (a worker
-took its lease, see ``workers.leases``), finished, retried, and how often its worker died. The watchdog
-(``workers.watchdog``) reads these fields to find work that a dead worker or producer left behind.
+took its lease, see ``workers.reliability.leases``), finished, retried, and how often its worker died. The watchdog
+(``workers.reliability.watchdog``) reads these fields to find work that a dead worker or producer left behind.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class JobState:
                 ]
                 force = "1" if job_id in forced else "0"
                 args = [job_id, spec["source"], spec["media_id"], json.dumps(spec), now, spec.get("tag") or "", force]
-                args += [f"{PREFIX}:lease:{job_id}:", EVENTS_MAX_LENGTH]  # workers.leases.lease_key
+                args += [f"{PREFIX}:lease:{job_id}:", EVENTS_MAX_LENGTH]  # workers.reliability.leases.lease_key
                 self._create(keys=keys, args=args, client=pipe)
             return [str(result) for result in pipe.execute()]
 

@@ -12,11 +12,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.media.extract import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 Span = tuple[float, float]
 
@@ -33,7 +36,7 @@ _model_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class SpeechOptions:
-    """How speech spans become utterances (see ``Settings.speech_options``)."""
+    """How speech spans become utterances (``OMNIQ_VAD_THRESHOLD``, ``OMNIQ_UTTERANCE_*``: :meth:`from_settings`)."""
 
     threshold: float = 0.5  # Silero's speech probability threshold
     min_speech_seconds: float = 0.25  # shorter bursts are not speech
@@ -41,6 +44,14 @@ class SpeechOptions:
     merge_seconds: float = 0.3  # spans closer than this are one utterance
     max_utterance_seconds: float = 10.0  # longer runs are split at their quietest point
     pad_seconds: float = 0.05  # an utterance's audio and times reach this far beyond its speech
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SpeechOptions:
+        return cls(
+            threshold=settings.vad_threshold,
+            merge_seconds=settings.utterance_merge_seconds,
+            max_utterance_seconds=settings.utterance_max_seconds,
+        )
 
 
 def speech_probabilities(samples: np.ndarray) -> np.ndarray:

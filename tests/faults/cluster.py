@@ -21,7 +21,7 @@ from pipeline.config import Settings
 from pipeline.storage import S3Storage
 from tests.conftest import use_broker
 from tests.servers import RedisServer, S3Server
-from workers.leases import lease_key
+from workers.reliability.leases import lease_key
 from workers.state import JobState
 
 # the result files that must come out byte-identical (the manifest and page carry timings and times)
@@ -166,6 +166,10 @@ class Cluster:
         worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper, args)
         self.workers[name] = worker
         return worker.start()
+
+    def retire(self, name: str) -> None:
+        """Stop a worker a test added and forget it: later tests act on the installation's usual workers."""
+        self.workers.pop(name).terminate()
 
     def lease_holder_pid(self, job_id: str, unit: str) -> int | None:
         holder = self.state.redis.get(lease_key(job_id, unit))

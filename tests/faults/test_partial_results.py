@@ -36,7 +36,7 @@ def test_a_row_that_always_fails_ends_partial_and_a_retry_generates_only_it(clus
         (job_id,) = cluster.enqueue([media[0]], force=True)
         job = cluster.wait([job_id], timeout=180)[job_id]
     finally:
-        faulty.terminate()
+        cluster.retire(faulty.name)
         gpu.start()
     media_id = job["media_id"]
     assert job["status"] == "partial" and job["failed_rows"] == 2, job

@@ -16,9 +16,9 @@ from pipeline.config import Settings, config_hash_of
 from pipeline.sources import SourceRef, job_id_for
 from pipeline.spec import JobSpec
 from tests.workers.conftest import queued
-from workers import tasks
-from workers.leases import Leases, _pid_namespace, holder_is_dead, lease_key, process_identity
-from workers.recovery import JobView, UnitView, decide, describe, parse_units
+from workers import runtime, tasks
+from workers.reliability.leases import Leases, _pid_namespace, holder_is_dead, lease_key, process_identity
+from workers.reliability.recovery import JobView, UnitView, decide, describe, parse_units
 from workers.state import JobState
 
 NOW = 10_000.0
@@ -284,7 +284,7 @@ def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypa
     monkeypatch.setattr(tasks, "fail_job", lambda job_id, reason, spec=None: failed.append((job_id, reason)))
     gave_up = []  # a poison infer unit's rows fail (README "Partial results"), tested on workers in tests/faults
     monkeypatch.setattr(tasks, "give_up", lambda job_id, unit, chunks, reason: gave_up.append((job_id, unit, reason)))
-    monkeypatch.setattr(tasks, "state", lambda: state)
+    monkeypatch.setattr(runtime, "state", lambda: state)
     specs = {name: producer_spec(name) for name in ("lost", "stranded", "poison", "busy", "forged")}
     lost, stranded, poison, busy, forged = (specs[name]["job_id"] for name in specs)
     for name, spec in specs.items():
@@ -303,7 +303,7 @@ def test_a_sweep_resends_lost_and_stranded_work_and_fails_poison(state, monkeypa
     state.redis.hset(JobState.key(poison, "units"), "infer-0:deaths", "1")
     state.complete_chunks(lost, [0], 2)
     state.redis.set(lease_key(busy, "infer-0"), "h|1|2|x", px=45_000)
-    from workers.watchdog import EPOCH, Watchdog
+    from workers.reliability.watchdog import EPOCH, Watchdog
 
     state.redis.set(EPOCH, "1")  # not a fresh Redis: no restore from the store
     report = Watchdog(state, Leases(state, 45, 10), settings).sweep()
@@ -322,7 +322,7 @@ def test_a_message_fetched_by_a_worker_that_died_before_starting_it_is_sent_agai
     """A worker took the message from Redis (kombu's unacked hash) and was SIGKILLed before it could take the
     unit's lease: without the watchdog, Redis would give it back only after the visibility timeout (hours)."""
     url, client, state = broker
-    monkeypatch.setattr(tasks, "state", lambda: state)
+    monkeypatch.setattr(runtime, "state", lambda: state)
     spec = producer_spec("j")
     j = spec["job_id"]
     state.create(j, spec["source"], spec["media_id"], spec)
@@ -344,7 +344,7 @@ def test_a_message_fetched_by_a_worker_that_died_before_starting_it_is_sent_agai
     monkeypatch.setattr(
         tasks, "publish_unit", lambda spec, unit, chunks=None, **kw: sent.append((spec.job_id, unit, chunks))
     )
-    from workers.watchdog import EPOCH, Watchdog
+    from workers.reliability.watchdog import EPOCH, Watchdog
 
     client.set(EPOCH, "1")
     settings = Settings(model="tiny")
@@ -366,7 +366,7 @@ def test_a_unit_overtaken_in_its_queue_by_a_later_one_that_started_is_lost():
     """kombu takes a message out of the Redis list a moment before recording it as unacknowledged: a worker
     killed in between loses it. Queues are served in order, so a later message of the same queue and priority
     that started means the earlier one will not."""
-    from workers.watchdog import Overtaken
+    from workers.reliability.watchdog import Overtaken
 
     def job(job_id: str, priority: int, **unit: object) -> tuple[JobView, dict[str, str]]:
         spec = json.dumps({"priority": priority, "config": {"model": "tiny"}})

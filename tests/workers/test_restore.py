@@ -14,8 +14,8 @@ from pipeline.media.sample import make_sample
 from pipeline.results.assemble import ChunkResult
 from pipeline.spec import chunk_prefix, put_json, work_prefix
 from pipeline.storage import LocalStorage
-from workers import tasks
-from workers.restore import prune_batch_records, record_batch, record_cancelled, restore_from_store
+from workers import runtime
+from workers.reliability.restore import prune_batch_records, record_batch, record_cancelled, restore_from_store
 
 
 def _messages(client):
@@ -34,13 +34,13 @@ def _messages(client):
 def store(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path / "store")
     settings = Settings(model="tiny", chunk_seconds=5, batch_size=2, storage_url=storage.url)
-    monkeypatch.setattr(tasks, "settings", lambda: settings)
+    monkeypatch.setattr(runtime, "settings", lambda: settings)
     return storage, settings
 
 
 def test_every_unfinished_job_is_rebuilt_and_its_missing_work_sent(broker, store, tmp_path, monkeypatch):
     url, client, state = broker
-    monkeypatch.setattr(tasks, "state", lambda: state)
+    monkeypatch.setattr(runtime, "state", lambda: state)
     storage, settings = store
     specs = {}
     for name in ("queued", "some-chunks", "all-chunks", "summarized", "finished", "known", "cancelled"):

@@ -20,10 +20,12 @@ from pipeline.config import Settings
 from pipeline.errors import PermanentMediaError, TransientError
 from pipeline.sources import SourceRef, job_id_for
 from pipeline.storage import LocalStorage
+from workers import runtime, tasks
 from workers import state as state_module
-from workers import tasks
-from workers.leases import Leases
+from workers.reliability.leases import Leases
 from workers.state import PENDING_FAILURES, JobState
+from workers.steps import base as steps_base
+from workers.steps import failures as steps_failures
 
 
 class Clock:
@@ -47,12 +49,13 @@ def wired(monkeypatch, tmp_path):
         model="tiny", retry_budget_seconds=1800, retry_min_seconds=5, retry_max_seconds=300, local_source_roots="/in"
     )
     clock = Clock()
-    monkeypatch.setattr(tasks, "state", lambda: state)
-    monkeypatch.setattr(tasks, "storage", lambda: storage)
-    monkeypatch.setattr(tasks, "settings", lambda: settings)
+    monkeypatch.setattr(runtime, "state", lambda: state)
+    monkeypatch.setattr(runtime, "storage", lambda: storage)
+    monkeypatch.setattr(runtime, "settings", lambda: settings)
     leases = Leases(state, 45, 10)
-    monkeypatch.setattr(tasks, "leases", lambda: leases)
-    monkeypatch.setattr(tasks, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
+    monkeypatch.setattr(runtime, "leases", lambda: leases)
+    for module in (steps_base, steps_failures):  # the retry budget's clock
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
     monkeypatch.setattr(state_module, "time", clock)
     source = SourceRef("file:///in/a.mp4", "size=1", 1)
     spec = job.JobSpec(
@@ -161,10 +164,10 @@ class FlakyStorage(LocalStorage):
 
 
 def test_failure_manifest_waits_for_the_store_and_the_handler_never_raises(wired, monkeypatch, tmp_path):
-    from workers.watchdog import Watchdog
+    from workers.reliability.watchdog import Watchdog
 
     flaky = FlakyStorage(tmp_path / "flaky")
-    monkeypatch.setattr(tasks, "storage", lambda: flaky)
+    monkeypatch.setattr(runtime, "storage", lambda: flaky)
     _ingest_raising(monkeypatch, [PermanentMediaError("a.mp4: not media")], wired.clock)
     _run(wired)  # on_failure cannot write the manifest: it must not raise
     assert wired.state.get(wired.spec.job_id)["status"] == "failed"
@@ -181,6 +184,6 @@ def test_failure_manifest_waits_for_the_store_and_the_handler_never_raises(wired
 
 def test_failure_handler_survives_a_dead_redis(wired, monkeypatch):
     dead = JobState.from_url("redis://127.0.0.1:1/0", retry_seconds=0)
-    monkeypatch.setattr(tasks, "state", lambda: dead)
+    monkeypatch.setattr(runtime, "state", lambda: dead)
     tasks.fail_job(wired.spec.job_id, "PermanentMediaError: a.mp4: not media")  # logs, never raises
     tasks.ingest.on_failure(PermanentMediaError("x"), "id", (), {"job_id": wired.spec.job_id}, None)

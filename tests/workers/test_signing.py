@@ -151,7 +151,7 @@ def test_the_watchdog_reads_which_unit_a_signed_message_carries(tmp_path):
     from celery.security.key import PrivateKey
     from celery.security.serialization import SecureSerializer
 
-    from workers.deliveries import SIGNED, parse_delivery
+    from workers.reliability.deliveries import SIGNED, parse_delivery
 
     key, cert = make_identity(tmp_path, "omniq-fleet")
     serializer = SecureSerializer(PrivateKey(key.read_text()), Certificate(cert.read_text()), digest="sha256")

@@ -324,15 +324,16 @@ def test_a_malformed_gpu_message_takes_no_lease_on_receipt(monkeypatch, tmp_path
     """A GPU worker takes a unit's lease when a message arrives; a forged one must not hold a real unit's."""
     import fakeredis
 
-    from workers import tasks
-    from workers.leases import Leases, lease_key
+    from workers import runtime, tasks
+    from workers.reliability.leases import Leases, lease_key
+    from workers.steps import base as steps_base
 
     state = JobState(fakeredis.FakeRedis(decode_responses=True))
     leases = Leases(state, 45, 10)
-    monkeypatch.setattr(tasks, "state", lambda: state)
-    monkeypatch.setattr(tasks, "leases", lambda: leases)
-    monkeypatch.setattr(tasks, "settings", lambda: Settings(model="tiny"))
-    monkeypatch.setattr(tasks, "storage", lambda: LocalStorage(tmp_path))
+    monkeypatch.setattr(runtime, "state", lambda: state)
+    monkeypatch.setattr(runtime, "leases", lambda: leases)
+    monkeypatch.setattr(runtime, "settings", lambda: Settings(model="tiny"))
+    monkeypatch.setattr(runtime, "storage", lambda: LocalStorage(tmp_path))
     spec = forged_spec("s3://media-in/a.mp4")
     real = {"job_id": spec["job_id"], "source": spec["source"], "chunks": [0], "unit": "infer-0", "model": "tiny"}
     try:
@@ -342,4 +343,4 @@ def test_a_malformed_gpu_message_takes_no_lease_on_receipt(monkeypatch, tmp_path
         assert state.redis.exists(lease_key(spec["job_id"], "infer-0"))  # the check is what kept the other out
     finally:
         leases.release_all()
-        tasks._received.clear()
+        steps_base._received.clear()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers import cli, lifecycle
+from workers import cli
+from workers.reliability import lifecycle
 
 
 class Restarted(Exception):
@@ -67,7 +68,7 @@ def test_a_worker_asked_to_stop_is_not_started_again(restarts, monkeypatch):
 
 
 def test_a_worker_whose_model_call_hung_starts_again_without_the_hang_that_fired(restarts, monkeypatch, capsys):
-    """``workers.deadlines`` asked for the restart (and sent the cold shutdown, here Celery's return): the worker
+    """``workers.reliability.deadlines`` asked for the restart (and sent the cold shutdown, here Celery's return): the worker
     starts again in place, and a failpoint hang that fired is not armed in the new process."""
     from pipeline import failpoints
 
@@ -79,7 +80,7 @@ def test_a_worker_whose_model_call_hung_starts_again_without_the_hang_that_fired
         return 0  # the cold shutdown's exit status
 
     monkeypatch.setattr(cli, "run_celery", hung)
-    from workers import deadlines
+    from workers.reliability import deadlines
 
     deadlines.RESTART.set()
     try:

@@ -195,9 +195,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except Exception:  # Celery gave up (e.g. kombu failing while Redis restarts): start again below
         logging.getLogger(__name__).exception("the worker stopped with an error")
         code = 1
-    from workers.lifecycle import restart_requested, shutdown_requested, start_again
+    from workers.reliability.lifecycle import restart_requested, shutdown_requested, start_again
 
-    if restart_requested():  # a model call passed its deadline (workers.deadlines): a fresh process takes over
+    if (
+        restart_requested()
+    ):  # a model call passed its deadline (workers.reliability.deadlines): a fresh process takes over
         start_again(code, "a model call passed its deadline")
     if code != 0 and not shutdown_requested():
         start_again(code, f"the worker stopped unexpectedly (exit status {code})")

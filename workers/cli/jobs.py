@@ -76,9 +76,9 @@ def job_details(state: Any, settings: Settings, jobs: list[dict[str, Any]], now:
     """Each job's row for ``omniq status``: its state plus, while active, age, last progress, the units
     that workers hold now, a pending retry, and which queue it waits on when no live worker serves it."""
     from workers.app import MEDIA_QUEUE, gpu_queue_for
-    from workers.leases import Leases, holder_name
+    from workers.reliability.leases import Leases, holder_name
+    from workers.reliability.watchdog import live_queues, load_views
     from workers.state import ACTIVE
-    from workers.watchdog import live_queues, load_views
 
     leases = Leases(state, settings.lease_seconds, settings.lease_renew_seconds)
     active = [job["job_id"] for job in jobs if job["status"] in ACTIVE]
@@ -148,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from pipeline.spec import work_prefix
     from pipeline.storage import open_storage
-    from workers.restore import record_cancelled
+    from workers.reliability.restore import record_cancelled
 
     settings = Settings()
     state = _state(settings)
@@ -225,9 +225,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from pipeline.storage import open_storage
-    from workers.leases import Leases
-    from workers.restore import restore_from_store
-    from workers.watchdog import EPOCH, Watchdog
+    from workers.reliability.leases import Leases
+    from workers.reliability.restore import restore_from_store
+    from workers.reliability.watchdog import EPOCH, Watchdog
 
     settings = Settings()
     state = _state(settings)

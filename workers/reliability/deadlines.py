@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+from types import ModuleType
 
 from pipeline import deadlines
 from pipeline.media import extract
@@ -31,30 +32,30 @@ RESTART = threading.Event()  # set when this worker stops in order to start agai
 
 
 def deadline_passed(deadline: deadlines.Deadline) -> None:
-    """The monitor's callback in workers (installed by ``workers.lifecycle``)."""
-    from workers import metrics, tasks
+    """The monitor's callback in workers (installed by ``workers.reliability.lifecycle``)."""
+    from workers import metrics, runtime
 
     queue = "gpu" if deadline.kind == deadlines.MODEL else "media"
     metrics.DEADLINES.labels(queue=queue, kind=deadline.kind).inc()
     if deadline.kind == deadlines.MODEL:
-        _model_hung(deadline, tasks)
+        _model_hung(deadline, runtime)
     else:
-        _step_overdue(deadline, tasks)
+        _step_overdue(deadline, runtime)
 
 
-def _step_overdue(deadline: deadlines.Deadline, tasks) -> None:  # type: ignore[no-untyped-def]
+def _step_overdue(deadline: deadlines.Deadline, runtime: ModuleType) -> None:
     killed = extract.kill_children()
     log.error("%s passed its deadline of %.0f s: %d ffmpeg stopped", deadline.what, deadline.seconds, killed)
-    timer = threading.Timer(GRACE_SECONDS, _exit_if_still_running, args=(deadline, tasks))
+    timer = threading.Timer(GRACE_SECONDS, _exit_if_still_running, args=(deadline, runtime))
     timer.daemon = True
     timer.start()
 
 
-def _exit_if_still_running(deadline: deadlines.Deadline, tasks) -> None:  # type: ignore[no-untyped-def]
+def _exit_if_still_running(deadline: deadlines.Deadline, runtime: ModuleType) -> None:
     if not deadlines.MONITOR.watching(deadline):
         return  # it stopped (and was counted by its task)
     for job_id, unit in deadline.owners:
-        tasks.leases().time_out_held(job_id, unit)
+        runtime.leases().time_out_held(job_id, unit)
     log.error("%s is still running %.0f s after its deadline: this process exits", deadline.what, GRACE_SECONDS)
     extract.kill_children()
     logging.shutdown()
@@ -64,9 +65,9 @@ def _exit_if_still_running(deadline: deadlines.Deadline, tasks) -> None:  # type
 _restarting = threading.Lock()
 
 
-def _model_hung(deadline: deadlines.Deadline, tasks) -> None:  # type: ignore[no-untyped-def]
+def _model_hung(deadline: deadlines.Deadline, runtime: ModuleType) -> None:
     for job_id, unit in deadline.owners:
-        tasks.leases().time_out_held(job_id, unit)
+        runtime.leases().time_out_held(job_id, unit)
     units = ", ".join(f"{unit} of job {job_id}" for job_id, unit in deadline.owners) or "no unit"
     log.error(
         "%s passed its deadline of %.0f s (for %s); a model call cannot be interrupted: this worker hands its "
@@ -85,6 +86,6 @@ def _model_hung(deadline: deadlines.Deadline, tasks) -> None:  # type: ignore[no
 
 
 def _restart_now() -> None:
-    from workers.lifecycle import start_again
+    from workers.reliability.lifecycle import start_again
 
     start_again(0, "the worker did not stop after a model call passed its deadline")

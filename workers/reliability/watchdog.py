@@ -1,7 +1,7 @@
 """The watchdog: a thread in every worker that finds lost work and sends it again; no extra service.
 
 Every ``OMNIQ_WATCHDOG_INTERVAL_SECONDS`` (with jitter) each worker tries a short Redis lock; the one that
-gets it sweeps: it loads every active job's units and leases, asks :func:`workers.recovery.decide` what
+gets it sweeps: it loads every active job's units and leases, asks :func:`workers.reliability.recovery.decide` what
 to do, and publishes the missing units (or fails a job whose unit killed its worker too often). It also
 writes failed manifests that could not be written while the store was down, and rebuilds job state from
 the store when it finds a Redis that lost its data. Every worker also registers itself (its queues) so
@@ -25,9 +25,9 @@ import redis
 
 from pipeline.config import Settings
 from pipeline.errors import OmniqError
-from workers.deliveries import forget, in_flight, stale_deliveries
-from workers.leases import Leases, holder_is_dead
-from workers.recovery import Action, JobView, UnitView, decide, parse_units
+from workers.reliability.deliveries import forget, in_flight, stale_deliveries
+from workers.reliability.leases import Leases, holder_is_dead
+from workers.reliability.recovery import Action, JobView, UnitView, decide, parse_units
 from workers.state import FINISHED, PENDING_FAILURES, PREFIX, JobState
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Watchdog:
             return None
         report: Counter[str] = Counter()
         if self.state.redis.set(EPOCH, str(now), nx=True):
-            from workers.restore import restore_from_store
+            from workers.reliability.restore import restore_from_store
 
             restored = restore_from_store(tasks.storage(), self.state, self.settings)
             report.update({f"restored_{k}": v for k, v in restored.items()})
@@ -204,7 +204,7 @@ class Watchdog:
             report["failure_manifests" if tasks.write_failure_manifest(job_id) else "failure_manifests_waiting"] += 1
         if now - self.last_prune > PRUNE_EVERY_SECONDS:
             self.last_prune = now
-            from workers.restore import prune_batch_records
+            from workers.reliability.restore import prune_batch_records
 
             try:
                 report["batch_records_pruned"] = prune_batch_records(tasks.storage(), self.state)
@@ -213,8 +213,8 @@ class Watchdog:
         return report
 
     def resend_stranded(self, now: float, tasks: Any) -> set[tuple[str, str]]:
-        """Send again the units whose message a dead worker fetched but never started (``workers.deliveries``);
-        returns the (job id, unit) pairs sent."""
+        """Send again the units whose message a dead worker fetched but never started
+        (``workers.reliability.deliveries``); returns the (job id, unit) pairs sent."""
         resent: set[tuple[str, str]] = set()
         for delivery in stale_deliveries(self.state.redis, now - self.settings.lease_seconds):
             unit = tasks.unit_of(delivery.task, delivery.kwargs)

@@ -14,13 +14,14 @@ from celery import signals
 
 from pipeline import deadlines as step_deadlines
 from pipeline import failpoints
-from workers import deadlines, notify, tasks, watchdog
+from workers import notify, runtime, tasks
 from workers.app import GPU_TASKS
+from workers.reliability import deadlines, watchdog
 
 
 @signals.worker_init.connect
 def _enforce_deadlines(**_: Any) -> None:
-    """A step past its deadline is stopped for real in workers (``workers.deadlines``); the pool's processes
+    """A step past its deadline is stopped for real in workers (``workers.reliability.deadlines``); the pool's processes
     inherit this."""
     step_deadlines.install(deadlines.deadline_passed)
 
@@ -30,8 +31,8 @@ def _start_watchdog(sender: Any = None, **_: Any) -> None:
     """Every worker runs the watchdog thread (one sweeps at a time) and registers the queues it serves."""
     queues = sorted(sender.app.amqp.queues.consume_from) if sender is not None else []
     name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    watchdog.start(name, queues, tasks.settings())
-    notify.start(name, tasks.settings())  # when OMNIQ_NOTIFY_URL is set (checked when the worker started)
+    watchdog.start(name, queues, runtime.settings())
+    notify.start(name, runtime.settings())  # when OMNIQ_NOTIFY_URL is set (checked when the worker started)
 
 
 @signals.task_received.connect
@@ -80,9 +81,9 @@ def _hand_back_leases(how: str = "", **_: Any) -> None:
     the tasks finish, so it keeps the leases.)"""
     _shutdown_requested.set()
     if how == "Cold":
-        tasks.leases().release_all()
+        runtime.leases().release_all()
 
 
 @signals.worker_process_shutdown.connect
 def _release_child_leases(**_: Any) -> None:
-    tasks.leases().release_all()
+    runtime.leases().release_all()

@@ -22,7 +22,7 @@ from pipeline.errors import OmniqError, SourceNotFound
 from pipeline.results.finalize import job_manifest, now_iso
 from pipeline.spec import JobSpec, get_json, put_json
 from pipeline.storage import Storage
-from workers.recovery import FINALIZE, INGEST, SUMMARIZE
+from workers.reliability.recovery import FINALIZE, INGEST, SUMMARIZE
 from workers.state import JobState
 
 log = logging.getLogger(__name__)
