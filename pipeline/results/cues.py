@@ -47,6 +47,10 @@ class TimedWord:
     end: float
     probability: float | None = None
 
+    def to_dict(self) -> dict[str, object]:
+        """As ``transcript.json`` writes a word."""
+        return {"text": self.text, "start": self.start, "end": self.end, "probability": self.probability}
+
 
 @dataclass(frozen=True)
 class TimedText:

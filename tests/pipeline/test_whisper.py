@@ -121,7 +121,7 @@ def test_an_omni_transcript_gets_word_times_where_the_aligner_knows_its_language
 
 
 def test_words_go_to_the_utterance_they_were_said_in():
-    w = whisper.Word
+    w = whisper.TimedWord
     words = [
         w(" The", 0.7, 1.3, 0.9),  # starts before its utterance: kept inside it
         w(" week.", 2.6, 4.9, 0.8),  # stretched over the silence after: still the first utterance's
