@@ -74,6 +74,20 @@ SCRIPT = """
     const item = event.target.closest(".segment, .chunk");
     if (item) seek(item);
   });
+  // index.html#t=SECONDS (what omniq search and omniq view --at link to) opens at that moment and plays
+  function fromHash() {
+    const match = /^#t=([0-9]+(?:[.][0-9]+)?)$/.exec(location.hash);
+    if (!match) return;
+    const at = parseFloat(match[1]);
+    const go = () => {
+      player.currentTime = at;
+      const playing = player.play();
+      if (playing && playing.catch) playing.catch(() => {});
+    };
+    if (player.readyState >= 1) go(); else player.addEventListener("loadedmetadata", go, { once: true });
+  }
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
   let current = [];
   player.addEventListener("timeupdate", () => {
     const now = player.currentTime;

@@ -256,3 +256,20 @@ def test_a_worker_runs_only_the_whisper_model_it_was_started_with():
     with pytest.raises(ConfigError, match="OMNIQ_WHISPER_MODEL=large-v3"):
         settings_for(spec, Settings(model="tiny"), runs_model=True)
     assert settings_for(spec, Settings(model="tiny")).whisper_model == "large-v3"  # a media worker loads none
+
+
+@pytest.mark.gpu
+def test_the_bundled_model_on_cuda_writes_the_same_words_in_float16(asr, track):
+    """What a GPU worker runs (``device_and_compute``: cuda + float16; CTranslate2 needs CUDA 12 cuBLAS and
+    cuDNN 9): the words are as good as on the CPU and their times agree with the CPU's within 0.1 s."""
+    gpu = whisper.WhisperTranscriber(whisper.BUNDLED, device="auto")
+    assert (gpu.device, gpu.compute_type) == ("cuda", "float16")
+    audio = track.samples.astype(np.float32) / 32768
+    heard = gpu.transcribe(audio, 0.0, _utterances(track), None)
+    assert evaluation.word_error_rate(" ".join(TEXTS), " ".join(h.text for h in heard)) <= 0.3
+    on_cpu = asr.transcribe(audio, 0.0, _utterances(track), None)
+    for item, reference in zip(heard, on_cpu, strict=True):
+        if [w.text for w in item.words] == [w.text for w in reference.words]:
+            assert all(abs(a.start - b.start) <= 0.1 for a, b in zip(item.words, reference.words, strict=True))
+    aligned = gpu.align(audio, 0.0, [(a, b, t) for (a, b), t in zip(_utterances(track), TEXTS, strict=True)], "en")
+    assert all(words for words in aligned)

@@ -188,6 +188,22 @@ def test_served_page_seeks_in_chromium(served: str) -> None:
     assert all(url.startswith(served) for url in requests), requests
 
 
+def test_a_link_to_a_moment_opens_the_page_there_and_plays(served: str, store: Store) -> None:
+    """``index.html#t=START`` (what ``omniq search`` prints for a hit and ``omniq view --at`` opens) seeks the
+    player to that moment as the page loads, and again when the fragment changes."""
+    with chromium_page() as page:
+        page.goto(served + "#t=9.0")
+        page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 9) < 1.0")
+        page.wait_for_function("() => document.querySelectorAll('.segment')[2].classList.contains('current')")
+        page.evaluate("() => { location.hash = '#t=5.5'; }")
+        page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 5.5) < 1.0")
+    at = omniq_view(store.media_id, "--out", str(store.root), "--at", "9")
+    assert at.returncode == 0 and at.stdout.strip() == f"{store.page}#t=9.0"
+    with serving(store.media_id, "--out", str(store.root), "--at", "9") as url:
+        assert url.endswith("/#t=9.0")
+    assert omniq_view(store.media_id, "--out", str(store.root), "--at", "-1").returncode == 2
+
+
 def test_the_launch_page_forwards_chromium_to_the_served_page(served: str) -> None:
     launch_page = write_launch_page(served)
     try:

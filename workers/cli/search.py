@@ -105,9 +105,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not hits:
         print(f"no matches for {query!r}", file=sys.stderr)
     bold = sys.stdout.isatty()
+    link = moment_link(settings)
     for hit in hits:
         print(hit_line(hit, bold=bold))
+        print(f"    at: {link(hit)}")
     return 0
+
+
+def moment_link(settings: Settings):  # type: ignore[no-untyped-def]
+    """How a hit's moment is opened: its page at ``index.html#t=START`` in a local store, else the command that
+    renders the page (an S3 store's page needs a fresh link to the media)."""
+    from pipeline.spec import results_prefix
+    from pipeline.storage import LocalStorage, open_storage
+    from workers.cli.view import moment_fragment
+
+    storage = open_storage(settings.storage_url, settings)
+
+    def link(hit: SearchHit) -> str:
+        if isinstance(storage, LocalStorage):
+            page = storage.path(f"{results_prefix(hit.media_id)}/index.html")
+            return page.as_uri() + moment_fragment(hit.start)
+        return f"omniq view {hit.media_id} --at {hit.start:.1f}"
+
+    return link
 
 
 def cmd_index_rebuild(args: argparse.Namespace) -> int:

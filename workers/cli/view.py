@@ -58,6 +58,9 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     view.add_argument("--host", default="127.0.0.1", help="loopback address to serve on (default 127.0.0.1)")
     view.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port)")
     view.add_argument("--no-open", action="store_true", help="print the path or URL without opening a browser")
+    view.add_argument(
+        "--at", type=_seconds, metavar="SECONDS", help="open the page at this moment (index.html#t=SECONDS)"
+    )
     view.set_defaults(func=cmd_view)
 
     transcript = subparsers.add_parser(
@@ -109,7 +112,9 @@ def cmd_view(args: argparse.Namespace) -> int:
     settings, storage, media_id = _results_of(args)
     inputs = load_viewer_inputs(storage, media_id)
     if args.serve or not isinstance(storage, LocalStorage):
-        return serve_viewer(inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open)
+        return serve_viewer(
+            inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open, at=args.at
+        )
     media_url = media_url_for(inputs.manifest, settings)
     page = render_viewer(
         inputs.manifest, inputs.transcript, inputs.captions, inputs.summary, inputs.thumbnails, media_url
@@ -123,14 +128,34 @@ def cmd_view(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "wb") as handle:
             handle.write(page.encode())
         path = Path(name)
-    print(path, flush=True)
+    moment = moment_fragment(args.at)
+    print(f"{path}{moment}" if moment else path, flush=True)
     if not args.no_open:
-        webbrowser.open(path.as_uri())
+        webbrowser.open(path.as_uri() + moment)
     return 0
 
 
+def moment_fragment(seconds: float | None) -> str:
+    """``#t=12.3``: the page fragment that opens the viewer at that moment (empty for None)."""
+    return "" if seconds is None else f"#t={seconds:.1f}"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a time in seconds (0 or more)")
+    return value
+
+
 def serve_viewer(
-    inputs: ViewerInputs, media_id: str, settings: Settings, host: str, port: int, *, open_browser: bool
+    inputs: ViewerInputs,
+    media_id: str,
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    open_browser: bool,
+    at: float | None = None,
 ) -> int:
     """Serve the page (and a local source that is still the processed file) on ``host`` until Ctrl-C."""
     check_loopback(host)
@@ -160,7 +185,7 @@ def serve_viewer(
         server = make_server(page.encode(), media, token, host, port)
         cleanup.callback(server.server_close)
         address = f"[{host}]" if ":" in host else host
-        url = f"http://{address}:{server.server_address[1]}/{token}/"
+        url = f"http://{address}:{server.server_address[1]}/{token}/{moment_fragment(at)}"
         print(f"serving {url} (Ctrl-C stops)", flush=True)
         if open_browser:
             launch_page = write_launch_page(url)
