@@ -112,9 +112,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     settings, storage, media_id = _results_of(args)
     inputs = load_viewer_inputs(storage, media_id)
     if args.serve or not isinstance(storage, LocalStorage):
-        return serve_viewer(
-            inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open, at=args.at
-        )
+        return serve_viewer(inputs, media_id, settings, args.host, args.port, open_browser=not args.no_open, at=args.at)
     media_url = media_url_for(inputs.manifest, settings)
     page = render_viewer(
         inputs.manifest, inputs.transcript, inputs.captions, inputs.summary, inputs.thumbnails, media_url
