@@ -121,7 +121,7 @@ def load_chunk_media(storage: Storage, job_plan: JobPlan, index: int, settings: 
     if contents.audio is not None and contents.audio.size:
         audio = contents.audio.astype(np.float32) / 32768.0
         if job_plan.speech is not None:
-            utterances = speech.within([(a, b) for a, b in job_plan.speech], chunk.start, chunk.end)
+            utterances = chunk_utterances(job_plan, chunk)
         else:  # planned before speech detection (a job from an older version): the chunk, unless quiet
             quiet = extract.detect_silences(contents.audio, settings.silence_noise_db, settings.silence_min_seconds)
             if sum(end - start for start, end in quiet) < 0.98 * (audio.size / extract.SAMPLE_RATE) - 0.05:
@@ -311,6 +311,14 @@ def kept_key(job_id: str, index: int) -> str:
     return f"{chunk_prefix(job_id, index)}/kept.json"
 
 
+def kept_result(job_plan: JobPlan, storage: Storage, index: int) -> ChunkResult | None:
+    """The result a new run of the job set aside for chunk ``index`` (its good rows), if it reopened that chunk."""
+    key = kept_key(job_plan.spec.job_id, index)
+    if index not in job_plan.reopened or not storage.exists(key):
+        return None
+    return ChunkResult.from_dict(get_json(storage, key))
+
+
 def infer_chunks(
     job_plan: JobPlan,
     indices: list[int],
@@ -334,8 +342,8 @@ def infer_chunks(
         if storage.exists(result_key(job_id, index)):
             done[index] = ChunkResult.from_dict(get_json(storage, result_key(job_id, index)))
             continue
-        if index in job_plan.reopened and storage.exists(kept_key(job_id, index)):
-            kept[index] = ChunkResult.from_dict(get_json(storage, kept_key(job_id, index)))
+        if (found := kept_result(job_plan, storage, index)) is not None:
+            kept[index] = found
         todo.append(index)
     step = budget.total if budget else len(todo)  # never hold more decoded chunks than the budget
     for first in range(0, len(todo), step):
@@ -489,9 +497,7 @@ def fail_chunks(job_plan: JobPlan, indices: list[int], reason: str, storage: Sto
         if storage.exists(result_key(job_id, index)):
             continue
         chunk = job_plan.chunks[index]
-        kept = None
-        if index in job_plan.reopened and storage.exists(kept_key(job_id, index)):
-            kept = ChunkResult.from_dict(get_json(storage, kept_key(job_id, index)))
+        kept = kept_result(job_plan, storage, index)
         result = kept or ChunkResult(index, chunk.start, chunk.end)
         rows = rows_to_run(job_plan, chunk, by_whisper, kept)
         result.errors = []
