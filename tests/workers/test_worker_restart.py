@@ -6,6 +6,8 @@ instead of replacing the test process. The fault suite's Redis restarts exercise
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from workers import cli
@@ -32,7 +34,10 @@ def restarts(request, monkeypatch):
 
     monkeypatch.setenv("REMAP_SIGTERM", "SIGQUIT")  # what cmd_worker sets, undone after the test
     monkeypatch.setattr(cli, "run_celery", lambda app_, argv: gave_up(argv))
-    monkeypatch.setattr(lifecycle.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    # lifecycle's own clock, not the time module's sleep: other threads of this process (the deadline monitor,
+    # lease renewers) sleep too
+    pause = types.SimpleNamespace(sleep=lambda seconds: calls.append(("sleep", seconds)))
+    monkeypatch.setattr(lifecycle, "time", pause)
     monkeypatch.setattr(lifecycle.os, "execv", execv)
     monkeypatch.setattr(cli.sys, "argv", ["omniq", "worker", "--queue", "media", "--concurrency", "1"])
     return calls
