@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Search index (see pipeline/search/__init__.py): sqlite:///path; unset = index.sqlite beside local results,
     # or under cache_dir when results are on S3
     index_url: str | None = None
+    # Search by meaning (README "Search"): the sentence-transformers model that embeds every indexed entry and
+    # every query; all-MiniLM-L6-v2 is bundled, or a model folder or hub id; none: search by words only
+    embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=1024)
 
     # Triggers and bulk enqueue
     media_extensions: str = (

@@ -6,6 +6,8 @@ The servers themselves live in ``tests/servers.py``; this file only adapts them 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.servers import PostgresServer, RedisServer, S3Server
+
+# Indexing embeds every entry with a real sentence-transformers model, which each indexing process loads
+# (about 5 s of CPU): tests of other things, and the worker and CLI processes they start, index by words
+# only. The tests of search by meaning set the real default (all-MiniLM-L6-v2) themselves.
+os.environ.setdefault("OMNIQ_EMBEDDING_MODEL", "none")
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 # -- Redis ----------------------------------------------------------------------------------------------
 
@@ -55,6 +63,24 @@ def postgres_url() -> Iterator[str]:
         return
     with PostgresServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def pgvector_url() -> Iterator[str]:
+    """URL of a PostgreSQL database whose server has the pgvector extension: ``OMNIQ_TEST_PGVECTOR_URL`` if
+    set, else a throwaway PostgreSQL 16 from the pgserver wheel's build."""
+    from tests.servers import pgvector_bin_dir
+
+    external_url = os.environ.get("OMNIQ_TEST_PGVECTOR_URL")
+    if external_url:
+        yield external_url
+        return
+    binaries = Path(tempfile.mkdtemp(prefix="omniq-pgvector-"))
+    try:
+        with PostgresServer(bin_dir=pgvector_bin_dir(binaries)) as server:
+            yield server.url
+    finally:
+        shutil.rmtree(binaries, ignore_errors=True)
 
 
 # -- S3 -------------------------------------------------------------------------------------------------

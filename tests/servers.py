@@ -557,6 +557,27 @@ def postgres_bin_dir() -> Path:
     raise ServerStartError("PostgreSQL is not installed: run `make test` (it installs Debian's postgresql) or apt")
 
 
+def pgvector_bin_dir(into: Path) -> Path:
+    """The server binaries of a PostgreSQL that has pgvector: the build the ``pgserver`` wheel ships (a dev
+    dependency; PostgreSQL 16 with pgvector 0.6), copied into ``into`` (a folder that everyone may enter) so
+    that the ``postgres`` user can run them when the tests run as root from a folder it cannot enter."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")  # found, not imported: only its files are used
+    if spec is None or spec.origin is None:
+        raise ServerStartError("pgvector tests need the pgserver wheel: run `make install-dev`")
+    package = Path(spec.origin).parent
+    target = into / "pgserver"
+    if not target.exists():
+        # the binaries find their libraries at $ORIGIN/../../../pgserver.libs: the wheel's layout is kept
+        shutil.copytree(package / "pginstall", target / "pginstall", symlinks=True)
+        shutil.copytree(package.parent / "pgserver.libs", into / "pgserver.libs", symlinks=True)
+        for path in [into, *into.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+    return target / "pginstall" / "bin"
+
+
 class PostgresServer(_ServerProcess):
     """A throwaway PostgreSQL on 127.0.0.1 (TCP only, password auth) with one database; ``url`` names it.
 
@@ -566,8 +587,8 @@ class PostgresServer(_ServerProcess):
     name = "postgres"
     stop_grace_seconds = 10.0
 
-    def __init__(self, startup_timeout: float = 60.0) -> None:
-        self.bin = postgres_bin_dir()
+    def __init__(self, startup_timeout: float = 60.0, bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or postgres_bin_dir()
         super().__init__(str(self.bin / "postgres"), startup_timeout)
         self.port = 0
         self.password = secrets.token_urlsafe(18)

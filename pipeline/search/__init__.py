@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError, PermanentError, TransientError
+from pipeline.search.embed import Embedder, embedder_for
+from pipeline.search.meaning import MODES, QUERY_MAX_CHARS
 from pipeline.search.model import (
     CAPTION_JOINER,
     HIGHLIGHT_CLOSE,
@@ -47,12 +49,16 @@ __all__ = [
     "HIGHLIGHT_OPEN",
     "JSON_FIELDS",
     "KINDS",
+    "MODES",
+    "QUERY_MAX_CHARS",
+    "Embedder",
     "IndexEntry",
     "SQLiteIndex",
     "SearchHit",
     "SearchIndex",
     "clean_text",
     "default_index_url",
+    "embedder_for",
     "entries_from_results",
     "fts_query",
     "has_fts5",
@@ -159,8 +165,11 @@ def rebuild_index(storage: Storage, index: SearchIndex, progress: RebuildProgres
 
     A job whose files cannot be read is skipped (reported through ``progress`` and the log) and dropped from
     the index; transient storage errors propagate so a flaky store never empties the index.
-    Returns (media indexed, entries indexed).
+    An index that holds another embedding model's vectors (or none) drops them first and gets this model's:
+    every entry is embedded again. Returns (media indexed, entries indexed).
     """
+    if index.use_embedder():
+        log.info("search index: embeddings dropped; every entry is embedded again with the configured model")
     entry_count, indexed = 0, set()
     media_ids = (
         parts[1]
@@ -218,12 +227,13 @@ def open_index(url: str | None, settings: Settings, *, create: bool = True) -> S
     """The index at ``url`` (default: ``default_index_url(settings)``). ``create=False``: it must exist."""
     url = url or default_index_url(settings)
     scheme = urlparse(url).scheme
+    embedder = embedder_for(settings.embedding_model)
     if scheme == "sqlite" or scheme == "" or len(scheme) == 1:
-        return SQLiteIndex(sqlite_path(url), create=create)
+        return SQLiteIndex(sqlite_path(url), create=create, embedder=embedder)
     if scheme in ("postgresql", "postgres"):
         from pipeline.search.postgres import PostgresIndex
 
-        return PostgresIndex(url, create=create)
+        return PostgresIndex(url, create=create, embedder=embedder)
     raise ConfigError(
         f"index URL {urlparse(url).scheme}://...: unsupported scheme {scheme!r}; use sqlite:///path.sqlite (the "
         "default, one machine) or postgresql://user:password@host/db (a fleet)"

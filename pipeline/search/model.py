@@ -15,9 +15,9 @@ KINDS = ("transcript", "caption", "summary")
 # ``SearchHit.spans`` gives the same matches as exact character offsets into ``text``.
 HIGHLIGHT_OPEN = "\u27e6"
 HIGHLIGHT_CLOSE = "\u27e7"
-JSON_FIELDS = ("media_id", "source", "kind", "text", "start", "end", "score")  # a public contract
+# a public contract; ``mode``: which way of searching found the hit (words | meaning | both)
+JSON_FIELDS = ("media_id", "source", "kind", "text", "start", "end", "score", "mode")
 CAPTION_JOINER = " | "  # between the visual and the audio caption of one chunk
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 
 # FTS5's highlight() wraps matches in these; indexed text never holds control characters (see clean_text).
@@ -53,6 +53,7 @@ class SearchHit:
     highlighted: str
     tag: str | None = None
     spans: tuple[tuple[int, int], ...] = ()  # (start, end) character offsets of the matches in ``text``
+    mode: str = "words"  # words | meaning | both (a hybrid hit that both rankings found)
 
     def to_json(self) -> dict[str, Any]:
         """The documented ``omniq search --json`` shape: exactly ``JSON_FIELDS``."""
@@ -60,7 +61,8 @@ class SearchHit:
 
 
 class SearchIndex(Protocol):
-    """Where finished results are searched. Implementations must make ``add_media`` replace atomically."""
+    """Where finished results are searched. Implementations must make ``add_media`` replace atomically, and
+    keep each entry's embedding with it (of the one model the index records)."""
 
     def add_media(self, media_id: str, entries: Iterable[IndexEntry]) -> int: ...
     def remove_media(self, media_id: str) -> int: ...
@@ -70,10 +72,16 @@ class SearchIndex(Protocol):
         query: str,
         limit: int = 10,
         *,
+        mode: str = "words",
         tag: str | None = None,
         kind: str | None = None,
         source_prefix: str | None = None,
+        media_id: str | None = None,
+        time_from: float | None = None,
+        time_to: float | None = None,
     ) -> list[SearchHit]: ...
+    def use_embedder(self) -> bool: ...
+    def embedding_model(self) -> str | None: ...
     def count(self) -> int: ...
     def close(self) -> None: ...
 

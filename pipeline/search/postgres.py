@@ -8,6 +8,14 @@ follows the language of what was said ("launches" finds "launched" in English, "
 German). Search boxes' syntax works: quoted phrases, ``-word``, ``or``; no input raises. Ranking is
 ``ts_rank_cd``; highlights come from ``ts_headline`` with the same ⟦ ⟧ marks and spans as the SQLite backend.
 
+Search by meaning: with the pgvector extension (managed PostgreSQL services ship it; omniq creates it when
+it may), each entry's embedding is a ``vector(dim)`` column with an HNSW index (cosine), and a query without
+filters is an approximate nearest-neighbour scan of it (``hnsw.ef_search`` at least the hits asked for); with
+filters, the rows that pass them are ranked exactly. Without pgvector, the embedding is stored as float32
+bytes and ranked exactly in the searching process (``VectorCache``: the vectors are read once, then only the
+rows added since ``omniq_meta``'s change counter moved). ``omniq_meta`` records the model, dimension and
+store (``pgvector`` | ``bytes``); ``omniq index rebuild`` moves a ``bytes`` index to pgvector once it exists.
+
 The schema is created and migrated by omniq (``omniq_schema`` holds its version; migrations run under an
 advisory lock, so concurrent starters are harmless). ``add_media`` replaces a media's rows in one transaction,
 serialised per media by an advisory lock: concurrent finalizes, redeliveries and rebuilds never duplicate or
@@ -22,8 +30,12 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import redacted
 from pipeline.errors import ConfigError, SourceNotFound, TransientError
+from pipeline.search.embed import Embedder, recorded_name, to_blob
+from pipeline.search.meaning import Filters, Searcher, VectorCache, check_recorded, embed_entries, meaning_hits
 from pipeline.search.model import (
     HIGHLIGHT_CLOSE,
     HIGHLIGHT_OPEN,
@@ -77,21 +89,47 @@ MIGRATIONS = (
     CREATE TABLE omniq_configs (config regconfig PRIMARY KEY);
     INSERT INTO omniq_configs SELECT DISTINCT config FROM omniq_entries;
     """,
+    # embeddings: float32 bytes here, or a pgvector column added when the first vectors come (its dimension is
+    # the model's); entries indexed before this version have none, which a rebuild fixes
+    """
+    CREATE TABLE omniq_meta (key text PRIMARY KEY, value text NOT NULL);
+    INSERT INTO omniq_meta (key, value) VALUES ('changes', '0');
+    INSERT INTO omniq_meta (key, value) SELECT 'embedding_model', 'none' WHERE EXISTS (SELECT 1 FROM omniq_entries);
+    ALTER TABLE omniq_entries ADD COLUMN embedding bytea;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # One branch per configuration in use: with the configuration and the query as constants, each branch is a
 # GIN index scan (a join against the configurations would test every row); the headline is made for the
 # hits that are returned only.
+_FILTERS = """(%(tag)s::text IS NULL OR e.tag = %(tag)s)
+  AND (%(kind)s::text IS NULL OR e.kind = %(kind)s)
+  AND (%(prefix)s::text IS NULL OR e.source LIKE %(prefix)s || '%%')
+  AND (%(media)s::text IS NULL OR e.media_id = %(media)s)
+  AND (%(from)s::float8 IS NULL OR e.end_s >= %(from)s)
+  AND (%(to)s::float8 IS NULL OR e.start_s <= %(to)s)"""
 _BRANCH = """
 SELECT e.media_id, e.source, e.tag, e.kind, e.start_s, e.end_s, e.text, e.config, q.query,
        ts_rank_cd(e.tsv, q.query) AS score
 FROM omniq_entries AS e, websearch_to_tsquery(%(cfg{n})s::regconfig, %(query)s) AS q (query)
-WHERE e.config = %(cfg{n})s::regconfig AND e.tsv @@ q.query
-  AND (%(tag)s::text IS NULL OR e.tag = %(tag)s)
-  AND (%(kind)s::text IS NULL OR e.kind = %(kind)s)
-  AND (%(prefix)s::text IS NULL OR e.source LIKE %(prefix)s || '%%')
-"""
+WHERE e.config = %(cfg{n})s::regconfig AND e.tsv @@ q.query AND """ + _FILTERS.replace("{", "{{").replace("}", "}}")
+_ROW = "e.id, e.media_id, e.source, e.tag, e.kind, e.start_s, e.end_s, e.text"
+# no filters: the HNSW index (approximate); filters: every row that passes them, ranked exactly
+_NEAREST = f"""
+SELECT {_ROW}, 1 - (e.embedding_v <=> %(vector)s::vector) AS score FROM omniq_entries AS e
+WHERE e.embedding_v IS NOT NULL ORDER BY e.embedding_v <=> %(vector)s::vector LIMIT %(limit)s
+"""  # noqa: S608
+_NEAREST_FILTERED = f"""
+WITH passing AS MATERIALIZED (
+    SELECT {_ROW}, e.embedding_v <=> %(vector)s::vector AS distance FROM omniq_entries AS e
+    WHERE e.embedding_v IS NOT NULL AND {_FILTERS}
+)
+SELECT id, media_id, source, tag, kind, start_s, end_s, text, 1 - distance FROM passing
+ORDER BY distance, id LIMIT %(limit)s
+"""  # noqa: S608
+_ALLOWED = f"SELECT e.id FROM omniq_entries AS e WHERE e.embedding IS NOT NULL AND {_FILTERS}"  # noqa: S608
+PGVECTOR, BYTES = "pgvector", "bytes"  # where the vectors are: a vector column, or float32 bytes
 _ORDER = "ORDER BY score DESC, media_id, start_s, kind"
 
 
@@ -110,10 +148,10 @@ def config_for(language: str | None) -> str:
     return CONFIGS.get((language or "").lower().split("-")[0], SIMPLE)
 
 
-class PostgresIndex(PerThreadConnection):
+class PostgresIndex(Searcher, PerThreadConnection):
     """``SearchIndex`` on PostgreSQL. One connection per thread, opened again after a fork."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, embedder: Embedder | None = None) -> None:
         try:
             import psycopg
         except ImportError as error:  # pragma: no cover - a dependency
@@ -121,6 +159,8 @@ class PostgresIndex(PerThreadConnection):
         self._psycopg = psycopg
         self.url = url
         self.create = create
+        self.embedder = embedder
+        self._vectors = VectorCache()
         self._local = threading.local()
         self._connection()  # fail early: unreachable server, wrong password, missing schema
 
@@ -165,9 +205,117 @@ class PostgresIndex(PerThreadConnection):
                     conn.execute("INSERT INTO omniq_schema (version) VALUES (%s)", (number,))
                     log.info("search index %s: schema migrated to version %d", redacted(self.url), number)
 
+    def _meta(self, conn: Any, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM omniq_meta WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, conn: Any, key: str, value: str) -> None:
+        conn.execute(
+            "INSERT INTO omniq_meta (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (key, value),
+        )
+
+    def embedding_model(self) -> str | None:
+        """The model whose vectors this index holds (``none``: no vectors); None while it is empty and unset."""
+        return self._meta(self._connection(), "embedding_model")
+
+    def vector_store(self) -> str | None:
+        """``pgvector`` (a vector column with an HNSW index), ``bytes`` (exact search in the client), or None
+        while no vectors were written."""
+        return self._meta(self._connection(), "vector_store")
+
+    def _adopt(self, conn: Any, dim: int | None) -> str | None:
+        """Record this embedder (and, with the first vectors, their dimension and store) on an index that has
+        none yet, or refuse another model's index; returns the vector store. In the caller's transaction."""
+        recorded, store = self._meta(conn, "embedding_model"), self._meta(conn, "vector_store")
+        if recorded is not None and (dim is None or store is not None):
+            check_recorded(redacted(self.url), recorded, self.embedder)
+            self._check_dim(conn, dim)
+            return store
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_SCHEMA,))  # one adopter; the others wait, then see it
+        recorded, store = self._meta(conn, "embedding_model"), self._meta(conn, "vector_store")
+        if recorded is None:
+            self._set_meta(conn, "embedding_model", recorded_name(self.embedder))
+        else:
+            check_recorded(redacted(self.url), recorded, self.embedder)
+        if dim is not None and store is None:
+            store = PGVECTOR if self._create_vector_column(conn, dim) else BYTES
+            self._set_meta(conn, "embedding_dim", str(dim))
+            self._set_meta(conn, "vector_store", store)
+            log.info("search index %s: %d-dimensional embeddings stored as %s", redacted(self.url), dim, store)
+        self._check_dim(conn, dim)
+        return store
+
+    def _check_dim(self, conn: Any, dim: int | None) -> None:
+        known = self._meta(conn, "embedding_dim")
+        if dim is not None and known is not None and int(known) != dim:
+            raise ConfigError(
+                f"search index {redacted(self.url)} holds {known}-dimensional vectors, "
+                f"{recorded_name(self.embedder)} gives {dim}: run 'omniq index rebuild'"
+            )
+
+    def _create_vector_column(self, conn: Any, dim: int) -> bool:
+        """Add the pgvector column and its HNSW index if the extension exists or may be created here."""
+        available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone()
+        if not available:
+            return False
+        try:
+            with conn.transaction():  # a savepoint: without the right to create it, the fallback goes on
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except self._psycopg.Error as error:
+            log.warning("search index %s: pgvector exists but cannot be created (%s)", redacted(self.url), error)
+            return False
+        conn.execute(f"ALTER TABLE omniq_entries ADD COLUMN IF NOT EXISTS embedding_v vector({int(dim)})")
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS omniq_entries_hnsw ON omniq_entries USING hnsw (embedding_v vector_cosine_ops)"
+        )
+        return True
+
+    def use_embedder(self) -> bool:
+        """Make the index hold this embedder's vectors: another model's (or none, or float32 bytes once pgvector
+        is available) are dropped and this model recorded; ``rebuild_index`` then embeds every entry again."""
+        conn = self._connection()
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_SCHEMA,))
+            recorded, store = self._meta(conn, "embedding_model"), self._meta(conn, "vector_store")
+            pgvector_now = bool(conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone())
+            moving = store == BYTES and pgvector_now and self.embedder is not None
+            if recorded in (None, recorded_name(self.embedder)) and not moving:
+                return False
+            conn.execute("UPDATE omniq_entries SET embedding = NULL WHERE embedding IS NOT NULL")
+            conn.execute("ALTER TABLE omniq_entries DROP COLUMN IF EXISTS embedding_v")
+            conn.execute("DELETE FROM omniq_meta WHERE key IN ('embedding_model', 'embedding_dim', 'vector_store')")
+            self._set_meta(conn, "embedding_model", recorded_name(self.embedder))
+            self._changed(conn)
+        return True
+
+    @staticmethod
+    def _changed(conn: Any) -> None:
+        conn.execute("UPDATE omniq_meta SET value = (value::bigint + 1)::text WHERE key = 'changes'")
+
+    def _known_vectors(self, conn: Any, media_id: str) -> dict[str, bytes]:
+        """The media's vectors in the index, by text (kept when it is indexed again with the same texts)."""
+        store = self._meta(conn, "vector_store")
+        if store == PGVECTOR:
+            rows = conn.execute(
+                "SELECT text, embedding_v::real[] FROM omniq_entries WHERE media_id = %s AND embedding_v IS NOT NULL",
+                (media_id,),
+            ).fetchall()
+            return {text: to_blob(np.asarray(values, dtype=np.float32)) for text, values in rows}
+        if store == BYTES:
+            return {
+                text: bytes(blob)
+                for text, blob in conn.execute(
+                    "SELECT text, embedding FROM omniq_entries WHERE media_id = %s AND embedding IS NOT NULL",
+                    (media_id,),
+                )
+            }
+        return {}
+
     def add_media(self, media_id: str, entries: Iterable[IndexEntry]) -> int:
-        """Replace every row of ``media_id`` with ``entries`` in one transaction; returns how many."""
-        rows = []
+        """Replace every row of ``media_id`` with ``entries`` (and their embeddings) in one transaction."""
+        rows, kept = [], []
         for entry in entries:
             if entry.kind not in KINDS:
                 raise ValueError(f"unknown entry kind {entry.kind!r}; expected one of {KINDS}")
@@ -175,9 +323,16 @@ class PostgresIndex(PerThreadConnection):
             if text:
                 config = config_for(entry.language)
                 rows.append((media_id, entry.source, entry.tag, entry.kind, entry.start, entry.end, text, config))
+                kept.append(IndexEntry(media_id, entry.source, entry.tag, entry.kind, entry.start, entry.end, text))
         conn = self._connection()
+        vectors: list[bytes | None] = [None] * len(rows)
+        dim = None
+        if self.embedder is not None and rows:  # embedded before the transaction: no lock is held meanwhile
+            check_recorded(redacted(self.url), self._meta(conn, "embedding_model"), self.embedder)
+            vectors, dim = embed_entries(self.embedder, kept, self._known_vectors(conn, media_id))
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (media_id,))  # one writer per media
+            store = self._adopt(conn, dim) if rows else None
             conn.execute("DELETE FROM omniq_entries WHERE media_id = %s", (media_id,))
             configs = sorted({row[7] for row in rows})
             if configs:
@@ -185,35 +340,33 @@ class PostgresIndex(PerThreadConnection):
                     "INSERT INTO omniq_configs (config) SELECT unnest(%s::regconfig[]) ON CONFLICT DO NOTHING",
                     (configs,),
                 )
+            column, cast = ("embedding_v", "%s::vector") if store == PGVECTOR else ("embedding", "%s")
             with conn.cursor() as cursor:
                 cursor.executemany(
-                    "INSERT INTO omniq_entries (media_id, source, tag, kind, start_s, end_s, text, config, tsv) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::regconfig, to_tsvector(%s::regconfig, %s))",
-                    [(*row, row[7], row[6]) for row in rows],
+                    "INSERT INTO omniq_entries (media_id, source, tag, kind, start_s, end_s, text, config, tsv, "  # noqa: S608
+                    f"{column}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::regconfig, "
+                    f"to_tsvector(%s::regconfig, %s), {cast})",
+                    [
+                        (*row, row[7], row[6], _vector_value(vector, store))
+                        for row, vector in zip(rows, vectors, strict=True)
+                    ],
                 )
+            self._changed(conn)
         return len(rows)
 
     def remove_media(self, media_id: str) -> int:
         conn = self._connection()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (media_id,))
-            return conn.execute("DELETE FROM omniq_entries WHERE media_id = %s", (media_id,)).rowcount
+            removed = conn.execute("DELETE FROM omniq_entries WHERE media_id = %s", (media_id,)).rowcount
+            self._changed(conn)
+            return removed
 
     def media_ids(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT DISTINCT media_id FROM omniq_entries")}
 
-    def search(
-        self,
-        query: str,
-        limit: int = 10,
-        *,
-        tag: str | None = None,
-        kind: str | None = None,
-        source_prefix: str | None = None,
-    ) -> list[SearchHit]:
+    def _words(self, query: str, limit: int, filters: Filters) -> list[SearchHit]:
         """Hits for what people type in a search box (phrases in quotes, ``-word``, ``or``), best first."""
-        if limit < 1:
-            raise ValueError(f"search limit {limit} must be at least 1")
         words = clean_text(query)
         if not words:
             raise ValueError(f"search query {query!r} is empty: give one or more words")
@@ -223,11 +376,9 @@ class PostgresIndex(PerThreadConnection):
             return []
         parameters = {
             **{f"cfg{n}": config for n, config in enumerate(configs)},
+            **_filter_parameters(filters),
             "query": words,
             "options": _HEADLINE,
-            "tag": tag,
-            "kind": kind,
-            "prefix": like_prefix(source_prefix) if source_prefix else None,
             "limit": limit,
         }
         hits = []
@@ -243,5 +394,65 @@ class PostgresIndex(PerThreadConnection):
             )  # fmt: skip
         return hits
 
+    def _meaning(self, vector: np.ndarray, limit: int, filters: Filters) -> list[SearchHit]:
+        """The ``limit`` entries nearest ``vector`` (cosine) that pass ``filters``, best first."""
+        conn = self._connection()
+        recorded = self._meta(conn, "embedding_model")
+        if recorded is None:
+            return []
+        check_recorded(redacted(self.url), recorded, self.embedder)
+        store, dim = self._meta(conn, "vector_store"), self._meta(conn, "embedding_dim")
+        if store == PGVECTOR:
+            parameters = {
+                **_filter_parameters(filters),
+                "vector": _vector_value(to_blob(vector), PGVECTOR),
+                "limit": limit,
+            }
+            with conn.transaction():
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(40, min(limit, 1000))),))
+                found = conn.execute(_NEAREST_FILTERED if filters.any else _NEAREST, parameters).fetchall()
+            return meaning_hits([(row[0], float(row[8])) for row in found], {row[0]: row[1:8] for row in found})
+        if store != BYTES or dim is None:
+            return []
+        self._vectors.refresh(
+            self._meta(conn, "changes"),
+            int(dim),
+            lambda: (row[0] for row in conn.execute("SELECT id FROM omniq_entries WHERE embedding IS NOT NULL")),
+            lambda first: (
+                (row_id, bytes(blob))
+                for row_id, blob in conn.execute(
+                    "SELECT id, embedding FROM omniq_entries WHERE id >= %s AND embedding IS NOT NULL", (first,)
+                )
+            ),
+        )
+        allowed = [row[0] for row in conn.execute(_ALLOWED, _filter_parameters(filters))] if filters.any else None
+        nearest = self._vectors.top(vector, limit, allowed)
+        rows = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                f"SELECT {_ROW} FROM omniq_entries AS e WHERE e.id = ANY(%s)",  # noqa: S608 - constant columns
+                ([entry_id for entry_id, _ in nearest],),
+            )
+        }
+        return meaning_hits(nearest, rows)
+
     def count(self) -> int:
         return int(self._connection().execute("SELECT count(*) FROM omniq_entries").fetchone()[0])
+
+
+def _filter_parameters(filters: Filters) -> dict[str, Any]:
+    return {
+        "tag": filters.tag,
+        "kind": filters.kind,
+        "prefix": like_prefix(filters.source_prefix) if filters.source_prefix else None,
+        "media": filters.media_id,
+        "from": filters.time_from,
+        "to": filters.time_to,
+    }
+
+
+def _vector_value(blob: bytes | None, store: str | None) -> Any:
+    """A vector as the column takes it: pgvector's text form, or the float32 bytes."""
+    if blob is None or store != PGVECTOR:
+        return blob
+    return "[" + ",".join(repr(value) for value in np.frombuffer(blob, dtype="<f4").tolist()) + "]"

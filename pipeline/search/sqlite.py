@@ -1,4 +1,9 @@
-"""The default search backend: one SQLite file with an FTS5 table (embedded, no server).
+"""The default search backend: one SQLite file with an FTS5 table and the entries' embeddings (embedded, no server).
+
+Each entry's vector (float32 bytes) is a column of its row, so it is written, replaced and deleted in the same
+transaction as the entry and its FTS row. ``meta`` records the embedding model and dimension and a change
+counter that every write moves; search by meaning is exact, over the vectors cached in the searching process
+(``pipeline.search.meaning.VectorCache``), which reads only what changed when the counter moves.
 
 SQLite needs a local file system: WAL mode and file locks are not safe on NFS or SMB shares.
 """
@@ -6,23 +11,27 @@ SQLite needs a local file system: WAL mode and file locks are not safe on NFS or
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import numpy as np
+
 from pipeline.errors import ConfigError, OmniqError, SourceNotFound, TransientError
+from pipeline.search.embed import Embedder, recorded_name
+from pipeline.search.meaning import Filters, Searcher, VectorCache, check_recorded, embed_entries, meaning_hits
 from pipeline.search.model import (
     BUSY_TIMEOUT_MS,
     HIGHLIGHT_CLOSE,
     HIGHLIGHT_OPEN,
     KINDS,
-    SCHEMA_VERSION,
     IndexEntry,
     PerThreadConnection,
     SearchHit,
@@ -35,30 +44,61 @@ from pipeline.search.model import (
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id INTEGER PRIMARY KEY, media_id TEXT NOT NULL, source TEXT NOT NULL, tag TEXT, kind TEXT NOT NULL,
-    start REAL NOT NULL, "end" REAL NOT NULL, text TEXT NOT NULL
+SCHEMA_VERSION = 2
+
+# AUTOINCREMENT: an id is never used twice, so a process's cached vectors are never taken for another entry's
+_ENTRIES = """
+CREATE TABLE {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, media_id TEXT NOT NULL, source TEXT NOT NULL, tag TEXT,
+    kind TEXT NOT NULL, start REAL NOT NULL, "end" REAL NOT NULL, text TEXT NOT NULL, vector BLOB
 );
-CREATE INDEX IF NOT EXISTS entries_media ON entries (media_id);
-CREATE VIRTUAL TABLE IF NOT EXISTS entries_fts USING fts5 (
-    text, content='entries', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS entries_ai AFTER INSERT ON entries BEGIN
+"""
+_INDEX_AND_TRIGGERS = """
+CREATE INDEX entries_media ON entries (media_id);
+CREATE TRIGGER entries_ai AFTER INSERT ON entries BEGIN
     INSERT INTO entries_fts (rowid, text) VALUES (new.id, new.text);
 END;
-CREATE TRIGGER IF NOT EXISTS entries_ad AFTER DELETE ON entries BEGIN
+CREATE TRIGGER entries_ad AFTER DELETE ON entries BEGIN
     INSERT INTO entries_fts (entries_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta (key, value) VALUES ('changes', '0');
 """
-_SEARCH = """
+_FTS = """
+CREATE VIRTUAL TABLE entries_fts USING fts5 (
+    text, content='entries', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
+);
+"""
+_SCHEMA = _ENTRIES.format(name="entries") + _FTS + _INDEX_AND_TRIGGERS
+# version 1 had no vectors, no meta and reusable ids: its rows move to the new table (FTS rows keep their ids),
+# and an index that held entries records that they have no embeddings, so a rebuild is asked for
+_FROM_VERSION_1 = (
+    _ENTRIES.format(name="entries_v2")  # noqa: S608
+    + """
+INSERT INTO entries_v2 (id, media_id, source, tag, kind, start, "end", text)
+    SELECT id, media_id, source, tag, kind, start, "end", text FROM entries;
+DROP TRIGGER entries_ai; DROP TRIGGER entries_ad; DROP INDEX entries_media; DROP TABLE entries;
+ALTER TABLE entries_v2 RENAME TO entries;
+"""
+    + _INDEX_AND_TRIGGERS
+    + "INSERT INTO meta (key, value) SELECT 'embedding_model', 'none' WHERE EXISTS (SELECT 1 FROM entries);"
+)
+_FILTERS = """(? IS NULL OR e.tag = ?) AND (? IS NULL OR e.kind = ?) AND (? IS NULL OR e.source LIKE ? ESCAPE '\\')
+  AND (? IS NULL OR e.media_id = ?) AND (? IS NULL OR e."end" >= ?) AND (? IS NULL OR e.start <= ?)"""
+_SEARCH = f"""
 SELECT e.media_id, e.source, e.tag, e.kind, e.start, e."end", highlight(entries_fts, 0, char(2), char(3)),
        bm25(entries_fts) AS rank_value
 FROM entries_fts JOIN entries AS e ON e.id = entries_fts.rowid
-WHERE entries_fts MATCH ? AND (? IS NULL OR e.tag = ?) AND (? IS NULL OR e.kind = ?)
-  AND (? IS NULL OR e.source LIKE ? ESCAPE '\\')
+WHERE entries_fts MATCH ? AND {_FILTERS}
 ORDER BY rank_value, e.media_id, e.start, e.kind LIMIT ?
-"""
+"""  # noqa: S608
+_ALLOWED = f"SELECT e.id FROM entries AS e WHERE e.vector IS NOT NULL AND {_FILTERS}"  # noqa: S608
+
+
+def _filter_parameters(filters: Filters) -> tuple[Any, ...]:
+    prefix = None if filters.source_prefix is None else like_prefix(filters.source_prefix) + "%"
+    values = (filters.tag, filters.kind, prefix, filters.media_id, filters.time_from, filters.time_to)
+    return tuple(value for value in values for _ in (0, 1))
 
 
 @functools.cache
@@ -74,15 +114,18 @@ def has_fts5() -> bool:
     return True
 
 
-class SQLiteIndex(PerThreadConnection):
-    """The default ``SearchIndex``: one SQLite file with an FTS5 table, ranked by bm25.
+class SQLiteIndex(Searcher, PerThreadConnection):
+    """The default ``SearchIndex``: one SQLite file with an FTS5 table (ranked by bm25) and the entries' vectors.
 
     WAL mode and a busy timeout let several processes write (one transaction per media) while others
     search. A connection is opened lazily in the process that uses it, and again after a fork.
+    ``embedder``: the model that embeds entries and queries (None: words only, recorded as ``none``).
     """
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, embedder: Embedder | None = None) -> None:
         self.path = path
+        self.embedder = embedder
+        self._vectors = VectorCache()
         if not has_fts5():
             raise ConfigError(
                 f"this Python's sqlite3 (SQLite {sqlite3.sqlite_version}) has no FTS5, which the search index "
@@ -107,13 +150,13 @@ class SQLiteIndex(PerThreadConnection):
             _enable_wal(conn, self.path)
             conn.execute("PRAGMA synchronous = NORMAL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version > SCHEMA_VERSION:
                 raise ConfigError(
                     f"search index {self.path} has schema version {version}, this omniq uses {SCHEMA_VERSION}: "
                     "delete the file and run 'omniq index rebuild'"
                 )
-            if version == 0:  # a new file; IF NOT EXISTS makes a concurrent creator harmless
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            if version != SCHEMA_VERSION:
+                self._migrate(conn)
         except sqlite3.DatabaseError as error:
             conn.close()
             raise _translate(error, self.path) from error
@@ -123,25 +166,120 @@ class SQLiteIndex(PerThreadConnection):
         self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
-    def _replace(self, media_id: str, entries: list[IndexEntry]) -> int:
-        """Delete the media's entries and insert ``entries`` in one transaction; returns how many were deleted."""
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new file, or bring a version-1 file to this version (once: a concurrent
+        opener waits for the write lock and then finds the work done)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                script = _SCHEMA
+            elif version == 1:
+                script = _FROM_VERSION_1
+                log.info("search index %s: moving to schema version %d (embeddings)", self.path, SCHEMA_VERSION)
+            else:
+                script = ""
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _meta(self, conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def embedding_model(self) -> str | None:
+        """The model whose vectors this index holds (``none``: no vectors); None while it is empty and unset."""
+        try:
+            return self._meta(self._connection(), "embedding_model")
+        except sqlite3.DatabaseError as error:
+            raise _translate(error, self.path) from error
+
+    def _write(self, work: Callable[[sqlite3.Connection], int]) -> int:
+        """``work`` in one write transaction that moves the change counter."""
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock upgrading a read lock
             try:
-                removed = conn.execute("DELETE FROM entries WHERE media_id = ?", (media_id,)).rowcount
-                conn.executemany(
-                    'INSERT INTO entries (media_id, source, tag, kind, start, "end", text) '
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(media_id, e.source, e.tag, e.kind, e.start, e.end, e.text) for e in entries],
-                )
+                done = work(conn)
+                conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.DatabaseError as error:
             raise _translate(error, self.path) from error
-        return removed
+        return done
+
+    def _replace(self, media_id: str, entries: list[IndexEntry], vectors: list[bytes | None], dim: int | None) -> int:
+        """Delete the media's entries and insert ``entries`` with their ``vectors`` in one transaction (refused
+        if the index holds another model's vectors); returns how many were deleted."""
+
+        def replace(conn: sqlite3.Connection) -> int:
+            if entries:
+                self._adopt(conn, dim)
+            removed = conn.execute("DELETE FROM entries WHERE media_id = ?", (media_id,)).rowcount
+            conn.executemany(
+                'INSERT INTO entries (media_id, source, tag, kind, start, "end", text, vector) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (media_id, e.source, e.tag, e.kind, e.start, e.end, e.text, v)
+                    for e, v in zip(entries, vectors, strict=True)
+                ],
+            )
+            return removed
+
+        return self._write(replace)
+
+    def _adopt(self, conn: sqlite3.Connection, dim: int | None) -> None:
+        """Record this embedder on an index that has none yet; refuse another model's index."""
+        recorded = self._meta(conn, "embedding_model")
+        if recorded is None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_model', ?)", (recorded_name(self.embedder),))
+        else:
+            check_recorded(str(self.path), recorded, self.embedder)
+        if dim is not None:
+            known = self._meta(conn, "embedding_dim")
+            if known is None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_dim', ?)", (str(dim),))
+            elif int(known) != dim:
+                raise ConfigError(
+                    f"search index {self.path} holds {known}-dimensional vectors, {recorded_name(self.embedder)} "
+                    f"gives {dim}: run 'omniq index rebuild'"
+                )
+
+    def use_embedder(self) -> bool:
+        """Make the index hold this embedder's vectors: if it records another model, every vector is dropped
+        and the new model recorded (``rebuild_index`` then embeds every entry again). True if it changed."""
+
+        def reset(conn: sqlite3.Connection) -> int:
+            if self._meta(conn, "embedding_model") in (None, recorded_name(self.embedder)):
+                return 0
+            conn.execute("UPDATE entries SET vector = NULL WHERE vector IS NOT NULL")
+            conn.execute("DELETE FROM meta WHERE key IN ('embedding_model', 'embedding_dim')")
+            conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_model', ?)", (recorded_name(self.embedder),))
+            return 1
+
+        return bool(self._write(reset))
+
+    def _embed(self, media_id: str, entries: list[IndexEntry]) -> tuple[list[bytes | None], int | None]:
+        """Each entry's vector; an entry whose text the media already has in the index keeps its vector."""
+        if self.embedder is None or not entries:
+            return [None] * len(entries), None
+        conn = self._connection()
+        try:
+            check_recorded(str(self.path), self._meta(conn, "embedding_model"), self.embedder)  # fail before the work
+            known = dict(
+                conn.execute(
+                    "SELECT text, vector FROM entries WHERE media_id = ? AND vector IS NOT NULL", (media_id,)
+                ).fetchall()
+            )
+        except sqlite3.DatabaseError as error:
+            raise _translate(error, self.path) from error
+        return embed_entries(self.embedder, entries, known)
 
     def add_media(self, media_id: str, entries: Iterable[IndexEntry]) -> int:
         """Replace every entry of ``media_id`` with ``entries`` (empty texts are skipped); returns how many."""
@@ -152,40 +290,62 @@ class SQLiteIndex(PerThreadConnection):
             text = clean_text(entry.text)
             if text:
                 cleaned.append(IndexEntry(media_id, entry.source, entry.tag, entry.kind, entry.start, entry.end, text))
-        self._replace(media_id, cleaned)
+        vectors, dim = self._embed(media_id, cleaned)
+        self._replace(media_id, cleaned, vectors, dim)
         return len(cleaned)
 
     def remove_media(self, media_id: str) -> int:
         """Drop every entry of ``media_id``; returns how many there were."""
-        return self._replace(media_id, [])
+        return self._replace(media_id, [], [], None)
 
     def media_ids(self) -> set[str]:
         """Every media id with entries in the index."""
         return {row[0] for row in self._query("SELECT DISTINCT media_id FROM entries", ())}
 
-    def search(
-        self,
-        query: str,
-        limit: int = 10,
-        *,
-        tag: str | None = None,
-        kind: str | None = None,
-        source_prefix: str | None = None,
-    ) -> list[SearchHit]:
-        """The best ``limit`` entries holding every word of ``query`` (and ``tag``, ``kind``, a source starting
-        with ``source_prefix``, if given), best first (bm25)."""
-        if limit < 1:
-            raise ValueError(f"search limit {limit} must be at least 1")
-        prefix = None if source_prefix is None else like_prefix(source_prefix) + "%"
+    def _words(self, query: str, limit: int, filters: Filters) -> list[SearchHit]:
+        """The best ``limit`` entries holding every word of ``query`` that pass ``filters``, best first (bm25)."""
         hits = []
         for media_id, source, entry_tag, entry_kind, start, end, marked, rank in self._query(
-            _SEARCH, (fts_query(query), tag, tag, kind, kind, prefix, prefix, limit)
+            _SEARCH, (fts_query(query), *_filter_parameters(filters), limit)
         ):
             text, spans = split_marked(marked)
             highlighted = mark_spans(text, spans, HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE)
             score = -rank + 0.0  # bm25 is lower-is-better; + 0.0 turns -0.0 into 0.0
             hits.append(SearchHit(media_id, source, entry_kind, text, start, end, score, highlighted, entry_tag, spans))
         return hits
+
+    def _meaning(self, vector: np.ndarray, limit: int, filters: Filters) -> list[SearchHit]:
+        """The ``limit`` entries whose vectors are nearest ``vector`` (cosine), best first, that pass ``filters``."""
+        conn = self._connection()
+        try:
+            recorded = self._meta(conn, "embedding_model")
+            if recorded is None:
+                return []  # nothing indexed yet
+            check_recorded(str(self.path), recorded, self.embedder)
+            dim = self._meta(conn, "embedding_dim")
+            if dim is None:
+                return []
+            self._vectors.refresh(
+                self._meta(conn, "changes"),
+                int(dim),
+                lambda: (row[0] for row in conn.execute("SELECT id FROM entries WHERE vector IS NOT NULL")),
+                lambda first: conn.execute(
+                    "SELECT id, vector FROM entries WHERE id >= ? AND vector IS NOT NULL", (first,)
+                ),
+            )
+            allowed = [row[0] for row in conn.execute(_ALLOWED, _filter_parameters(filters))] if filters.any else None
+            nearest = self._vectors.top(vector, limit, allowed)
+            rows = {
+                row[0]: row[1:]
+                for row in conn.execute(
+                    'SELECT id, media_id, source, tag, kind, start, "end", text FROM entries '
+                    "WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps([entry_id for entry_id, _ in nearest]),),
+                )
+            }
+        except sqlite3.DatabaseError as error:
+            raise _translate(error, self.path) from error
+        return meaning_hits(nearest, rows)
 
     def count(self) -> int:
         """How many entries the index holds."""
@@ -196,6 +356,17 @@ class SQLiteIndex(PerThreadConnection):
             return self._connection().execute(sql, params).fetchall()
         except sqlite3.DatabaseError as error:
             raise _translate(error, self.path) from error
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script, one by one (``executescript`` would commit the transaction)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [statement for statement in statements if statement]
 
 
 def _enable_wal(conn: sqlite3.Connection, path: Path) -> None:

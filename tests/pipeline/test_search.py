@@ -86,6 +86,15 @@ def write_results(
     )
 
 
+def emptied(index):
+    """A PostgreSQL index as new: no entries, no recorded embedding model (the tests share one database)."""
+    conn = index._connection()
+    conn.execute("TRUNCATE omniq_entries")
+    conn.execute("DELETE FROM omniq_meta WHERE key <> 'changes'")
+    conn.execute("ALTER TABLE omniq_entries DROP COLUMN IF EXISTS embedding_v")
+    return index
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def index(request, tmp_path: Path):
     """Each behavioural test runs on both backends: SQLite (a file) and PostgreSQL (a real server)."""
@@ -96,8 +105,7 @@ def index(request, tmp_path: Path):
     from pipeline.search.postgres import PostgresIndex
 
     with PostgresIndex(request.getfixturevalue("postgres_url")) as opened:
-        opened._connection().execute("TRUNCATE omniq_entries")
-        yield opened
+        yield emptied(opened)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pipeline.config import Settings
 from pipeline.errors import SourceNotFound, TransientError
 from pipeline.search import IndexEntry, open_index
 from pipeline.search.postgres import SCHEMA_VERSION, PostgresIndex, config_for
+from tests.pipeline.test_search import emptied
 
 
 def entry(media_id, text, language=None, start=0.0, kind="transcript"):
@@ -21,8 +22,7 @@ def entry(media_id, text, language=None, start=0.0, kind="transcript"):
 @pytest.fixture
 def index(postgres_url):
     with PostgresIndex(postgres_url) as opened:
-        opened._connection().execute("TRUNCATE omniq_entries")
-        yield opened
+        yield emptied(opened)
 
 
 def texts(hits):
@@ -129,7 +129,7 @@ def test_a_rebuild_runs_while_workers_write(index, postgres_url, tmp_path):
     for media_id in media:
         write_results(storage, media_id, segments=[(0.0, 4.0, f"rocket {media_id}"), (5.0, 9.0, "launch pad")])
     expected = rebuild_index(storage, index)[1]
-    index._connection().execute("TRUNCATE omniq_entries")
+    emptied(index)
     stop = threading.Event()
 
     def finalizes() -> None:

@@ -61,7 +61,8 @@ def test_search_json_has_exactly_the_documented_keys(store, capsys):
 
     hits = json.loads(capsys.readouterr().out)
 
-    assert {tuple(sorted(hit)) for hit in hits} == {("end", "kind", "media_id", "score", "source", "start", "text")}
+    keys = ("end", "kind", "media_id", "mode", "score", "source", "start", "text")
+    assert {tuple(sorted(hit)) for hit in hits} == {keys}
     transcript = next(hit for hit in hits if hit["kind"] == "transcript")
     assert transcript == {
         "media_id": "talk",
@@ -71,6 +72,7 @@ def test_search_json_has_exactly_the_documented_keys(store, capsys):
         "start": 3605.0,
         "end": 3611.4,
         "score": transcript["score"],
+        "mode": "words",  # OMNIQ_EMBEDDING_MODEL=none here: words is the default mode
     }
     assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
     assert {hit["kind"] for hit in hits} == {"transcript", "caption", "summary"}
@@ -94,7 +96,7 @@ def test_search_prints_one_line_per_hit_with_markers_when_piped(store, capsys):
     # the moment: the page at index.html#t=START, which opens there and plays (tests/workers/test_view_browser.py)
     assert link.startswith("    at: file://") and link.endswith("/index.html#t=3605.0")
 
-    assert line.split()[1:3] == ["transcript", "/videos/talk.mp4@01:00:05-01:00:12"]
+    assert line.split()[1:4] == ["transcript", "words", "/videos/talk.mp4@01:00:05-01:00:12"]
     assert line.endswith(
         f"the {HIGHLIGHT_OPEN}rocket{HIGHLIGHT_CLOSE} {HIGHLIGHT_OPEN}lifted{HIGHLIGHT_CLOSE} off and "
         f"the {HIGHLIGHT_OPEN}rocket{HIGHLIGHT_CLOSE} flew"

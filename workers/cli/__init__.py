@@ -48,6 +48,14 @@ def check_transcriber(settings: Settings, *, load: bool = True) -> None:
         whisper.check_language(settings.whisper_model, settings.language)
 
 
+def check_embedding(settings: Settings) -> None:
+    """Refuse an ``OMNIQ_EMBEDDING_MODEL`` that is not a sentence-transformers model, before any work (the
+    model itself loads when the first finished job is indexed)."""
+    from pipeline.search import embedder_for
+
+    embedder_for(settings.embedding_model)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.engines.omni import OmniEngine
     from pipeline.job import JobOutcome, run_jobs
@@ -57,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args).model_copy(update={"storage_url": args.out})
     failpoints.install(settings.failpoints)
     check_transcriber(settings)
+    check_embedding(settings)
     storage = open_storage(args.out, settings)
     sources, rejected, ignored = _discover_for_run(args, settings)
     outcomes = [JobOutcome(d.uri, None, "failed", None, d.rejected) for d in rejected]
@@ -164,6 +173,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_target(settings)  # a half-set notification target stops the worker here, not silently later
     if args.queue == GPU_QUEUE:
         check_transcriber(settings)  # a Whisper model that is not there stops the worker here
+    else:
+        check_embedding(settings)  # the media worker indexes finished jobs: a bad embedding model stops it here
     if args.metrics_port is not None:
         from workers.metrics import merged_registry, serve_metrics
 

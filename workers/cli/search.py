@@ -12,7 +12,17 @@ import sys
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.search import HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN, SearchHit, clean_text, default_index_url, mark_spans
+from pipeline.search import (
+    HIGHLIGHT_CLOSE,
+    HIGHLIGHT_OPEN,
+    MODES,
+    QUERY_MAX_CHARS,
+    SearchHit,
+    clean_text,
+    default_index_url,
+    embedder_for,
+    mark_spans,
+)
 
 BOLD, NORMAL = "\x1b[1m", "\x1b[22m"
 EXCERPT_CHARS = 240  # a longer text (a file summary) is cut to this many characters around its first match
@@ -22,18 +32,34 @@ def add_commands(subparsers: Any) -> None:  # argparse's _SubParsersAction is pr
     """Add ``search`` and ``index rebuild`` to the subcommands of the ``omniq`` parser."""
     search = subparsers.add_parser(
         "search",
-        help="search transcripts, captions and summaries of finished jobs",
-        description="Every word must occur; 'word*' matches words starting with 'word'. Hits are ranked by bm25.",
+        help="search transcripts, captions and summaries of finished jobs, by words and by meaning",
+        description="--mode words: every word must occur ('word*' matches words starting with 'word'), ranked "
+        "by bm25. --mode meaning: ranked by how close the text's meaning is to the query's (cosine similarity of "
+        "sentence embeddings). --mode hybrid (the default): both rankings fused (reciprocal rank fusion).",
     )
-    search.add_argument("query", nargs="+", metavar="QUERY", help="words to find (quoting them is optional)")
+    search.add_argument("query", nargs="+", metavar="QUERY", help="what to find (quoting it is optional)")
+    search.add_argument(
+        "--mode",
+        choices=MODES,
+        help="words, meaning or hybrid (default: hybrid; words when OMNIQ_EMBEDDING_MODEL=none)",
+    )
     search.add_argument("--limit", type=_positive_int, default=10, metavar="N", help="at most N hits (default 10)")
     search.add_argument("--tag", help="only results of jobs enqueued with this --tag")
     search.add_argument("--kind", choices=("transcript", "caption", "summary"), help="only this kind of text")
     search.add_argument(
         "--source", metavar="PREFIX", help="only media whose source starts with this (a folder, s3://b/p/)"
     )
+    search.add_argument("--media", metavar="MEDIA_ID", help="only this media (its id, as omniq status shows it)")
     search.add_argument(
-        "--json", action="store_true", help="print a JSON list of {media_id, source, kind, text, start, end, score}"
+        "--from", dest="time_from", type=_time, metavar="TIME", help="only moments that end at or after TIME (90, 1:30)"
+    )
+    search.add_argument(
+        "--to", dest="time_to", type=_time, metavar="TIME", help="only moments that start at or before TIME"
+    )
+    search.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of {media_id, source, kind, text, start, end, score, mode}",
     )
     _index_option(search)
     search.set_defaults(func=cmd_search)
@@ -78,6 +104,22 @@ def _source_prefix(given: str | None) -> str | None:
     return Path(given).expanduser().resolve().as_uri()
 
 
+def _time(text: str) -> float:
+    """Seconds from ``90``, ``1:30`` or ``01:01:30`` (each part a number, seconds may have decimals)."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3 or not all(parts):
+            raise ValueError(text)
+        seconds = 0.0
+        for part in parts:
+            seconds = seconds * 60 + float(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds (90) or MM:SS / HH:MM:SS") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give 0 or more seconds")
+    return seconds
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -91,9 +133,28 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     query = " ".join(args.query)
+    if not clean_text(query):
+        print(f"omniq: search query {query!r} is empty: give one or more words", file=sys.stderr)
+        return 2
+    if len(query) > QUERY_MAX_CHARS:
+        print(
+            f"omniq: the query has {len(query)} characters; searching for its first {QUERY_MAX_CHARS}", file=sys.stderr
+        )
+        query = query[:QUERY_MAX_CHARS]
+    mode = args.mode or ("words" if embedder_for(settings.embedding_model) is None else "hybrid")
     index = open_index(args.index, settings, create=False)
     try:
-        hits = index.search(query, args.limit, tag=args.tag, kind=args.kind, source_prefix=_source_prefix(args.source))
+        hits = index.search(
+            query,
+            args.limit,
+            mode=mode,
+            tag=args.tag,
+            kind=args.kind,
+            source_prefix=_source_prefix(args.source),
+            media_id=args.media,
+            time_from=args.time_from,
+            time_to=args.time_to,
+        )
     except ValueError as error:  # an empty query; the caller's ValueError handler means bad settings
         print(f"omniq: {error}", file=sys.stderr)
         return 2
@@ -179,9 +240,9 @@ def excerpt(
 
 
 def hit_line(hit: SearchHit, *, bold: bool) -> str:
-    """``score  kind  source@HH:MM:SS-HH:MM:SS  text``, matches in ANSI bold (``bold``) or in ⟦ ⟧."""
+    """``score  kind  mode  source@HH:MM:SS-HH:MM:SS  text``, matches in ANSI bold (``bold``) or in ⟦ ⟧."""
     safe = clean_text(hit.text)  # never print terminal escapes from stored text (the SQLite index has none)
     text, spans = excerpt(safe, hit.spans if safe == hit.text else ())
     marked = mark_spans(text, spans, BOLD, NORMAL) if bold else mark_spans(text, spans, HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE)
     span = f"{clock(hit.start)}-{clock(hit.end, round_up=True)}"
-    return f"{hit.score:7.3f}  {hit.kind:<10}  {clean_text(hit.source)}@{span}  {marked}"
+    return f"{hit.score:7.3f}  {hit.kind:<10}  {hit.mode:<7}  {clean_text(hit.source)}@{span}  {marked}"
