@@ -77,7 +77,10 @@ _FROM_VERSION_1 = (
     + """
 INSERT INTO entries_v2 (id, media_id, source, tag, kind, start, "end", text)
     SELECT id, media_id, source, tag, kind, start, "end", text FROM entries;
-DROP TRIGGER entries_ai; DROP TRIGGER entries_ad; DROP INDEX entries_media; DROP TABLE entries;
+DROP TRIGGER entries_ai;
+DROP TRIGGER entries_ad;
+DROP INDEX entries_media;
+DROP TABLE entries;
 ALTER TABLE entries_v2 RENAME TO entries;
 """
     + _INDEX_AND_TRIGGERS
@@ -359,10 +362,11 @@ class SQLiteIndex(Searcher, PerThreadConnection):
 
 
 def _statements(script: str) -> list[str]:
-    """The statements of a schema script, one by one (``executescript`` would commit the transaction)."""
+    """The statements of a schema script (one or more per line), one by one (``executescript`` would commit the
+    transaction)."""
     statements, current = [], ""
-    for line in script.splitlines(keepends=True):
-        current += line
+    for piece in script.replace(";", ";\0").split("\0"):
+        current += piece
         if sqlite3.complete_statement(current):
             statements.append(current.strip())
             current = ""

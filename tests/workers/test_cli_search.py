@@ -11,6 +11,7 @@ import pytest
 from pipeline.errors import SourceNotFound
 from pipeline.search import HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN, SearchHit
 from pipeline.storage import LocalStorage
+from tests.conftest import EMBEDDING_MODEL
 from tests.pipeline.test_search import write_results
 from workers.cli.search import add_commands, clock, excerpt, hit_line
 
@@ -205,3 +206,90 @@ def test_kind_and_source_filters(store, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == []  # every rocket here is a local file
     assert omniq("search", "rocket", "--source", str(tmp_path / "tapes"), "--json") == 0  # a folder, as typed
     assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"tape"}
+
+
+# -- by meaning and both (the real bundled model) ---------------------------------------------------------
+
+
+@pytest.fixture
+def meaning_store(tmp_path, monkeypatch):
+    """A results directory indexed with the bundled embedding model, the default outside the tests."""
+    monkeypatch.setenv("OMNIQ_STORAGE_URL", f"file://{tmp_path / 'data'}")
+    monkeypatch.setenv("OMNIQ_EMBEDDING_MODEL", EMBEDDING_MODEL)
+    monkeypatch.delenv("OMNIQ_INDEX_URL", raising=False)
+    storage = LocalStorage(tmp_path / "data")
+    write_results(
+        storage,
+        "harbour",
+        segments=[(0.0, 5.0, "good evening"), (3600.0, 3606.0, "the harbour crossing is shut for repairs")],
+        summary="news from the port",
+        duration=3700.0,
+    )
+    write_results(storage, "bakery", segments=[(0.0, 5.0, "the baker kneads dough for the loaves")])
+    assert omniq("index", "rebuild") == 0
+    return storage
+
+
+def test_the_default_mode_is_hybrid_and_finds_a_paraphrase(meaning_store, capsys):
+    assert omniq("index", "rebuild") == 0
+    assert f"the index holds 4 entries (embeddings of {EMBEDDING_MODEL})" in capsys.readouterr().out
+    assert omniq("search", "closing", "the", "bridge", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert (hits[0]["media_id"], hits[0]["start"], hits[0]["mode"]) == ("harbour", 3600.0, "meaning")
+    assert omniq("search", "closing the bridge", "--mode", "words") == 0
+    assert "no matches" in capsys.readouterr().err
+    assert omniq("search", "harbour", "--json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["mode"] == "both"
+    assert omniq("search", "bread making", "--mode", "meaning", "--limit", "1") == 0
+    line, link = capsys.readouterr().out.splitlines()
+    assert line.split()[1:4] == ["transcript", "meaning", "/videos/bakery.mp4@00:00:00-00:00:05"]
+    assert link.endswith("/results/bakery/index.html#t=0.0")
+
+
+def test_media_and_time_filters(meaning_store, capsys):
+    capsys.readouterr()
+    assert omniq("search", "closing the bridge", "--media", "bakery", "--json") == 0
+    assert {hit["media_id"] for hit in json.loads(capsys.readouterr().out)} == {"bakery"}
+    assert omniq("search", "closing the bridge", "--from", "59:00", "--to", "1:00:30", "--json") == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert {(hit["media_id"], hit["kind"]) for hit in hits} == {("harbour", "transcript"), ("harbour", "summary")}
+    assert all(hit["end"] >= 3540 and hit["start"] <= 3630 for hit in hits)
+
+
+def test_bad_queries_times_and_models_are_named(meaning_store, capsys, monkeypatch):
+    from workers.cli import main
+
+    capsys.readouterr()
+    assert main(["search", " \t "]) == 2
+    assert "search query ' \\t ' is empty: give one or more words" in capsys.readouterr().err
+    assert main(["search", "harbour " * 300, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "the query has 2400 characters; searching for its first 1000" in captured.err
+    assert json.loads(captured.out)
+    with pytest.raises(SystemExit) as usage:
+        main(["search", "harbour", "--from", "ten"])
+    assert usage.value.code == 2 and "'ten' is not a time" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["search", "harbour", "--mode", "fuzzy"])
+    capsys.readouterr()
+    monkeypatch.setenv("OMNIQ_EMBEDDING_MODEL", "/no/such/model")
+    assert main(["search", "harbour"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OMNIQ_EMBEDDING_MODEL=/no/such/model: no such folder" in err
+
+
+def test_a_changed_model_asks_for_a_rebuild_and_the_rebuild_fixes_it(meaning_store, capsys, monkeypatch):
+    from workers.cli import main
+
+    monkeypatch.setenv("OMNIQ_EMBEDDING_MODEL", "none")
+    assert omniq("index", "rebuild") == 0  # words only now: the vectors are dropped
+    assert "(words only, no embeddings)" in capsys.readouterr().out
+    assert omniq("search", "harbour", "--json") == 0  # the default mode is words when there is no model
+    assert {hit["mode"] for hit in json.loads(capsys.readouterr().out)} == {"words"}
+    monkeypatch.setenv("OMNIQ_EMBEDDING_MODEL", EMBEDDING_MODEL)
+    assert main(["search", "closing the bridge"]) == 2
+    err = capsys.readouterr().err
+    assert "has no embeddings" in err and "run 'omniq index rebuild'" in err
+    assert main(["index", "rebuild"]) == 0
+    assert main(["search", "closing the bridge", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 2)[-1])[0]["media_id"] == "harbour"

@@ -208,13 +208,14 @@ def cmd_index_rebuild(args: argparse.Namespace) -> int:
     index = open_index(args.index, settings)
     try:
         media, entries = rebuild_index(storage, index, progress)
-        total = index.count()
+        total, model = index.count(), index.embedding_model()
     finally:
         index.close()
     where = args.index or default_index_url(settings)
     skipped = f"; {len(failures)} unreadable jobs skipped" if failures else ""
     print(f"indexed {media} done jobs ({entries} entries) from {storage.url} into {where}{skipped}")
-    print(f"the index holds {total} entries")
+    embedded = "words only, no embeddings" if model in (None, "none") else f"embeddings of {model}"
+    print(f"the index holds {total} entries ({embedded})")
     return 1 if failures else 0
 
 
