@@ -189,9 +189,11 @@ def embed_entries(
     """Each entry's vector as bytes, and the dimension: a text in ``known`` (the media's vectors already in
     the index, of this model) keeps its vector, the others are embedded in batches (each text once)."""
     missing = list(dict.fromkeys(entry.text for entry in entries if entry.text not in known))
+    if not missing:  # nothing to embed: the model is not even loaded (a rebuild of an unchanged store)
+        return [known[entry.text] for entry in entries], len(known[entries[0].text]) // 4
     computed = dict(zip(missing, (to_blob(vector) for vector in embedder.encode(missing)), strict=True))
-    blobs: list[bytes | None] = [known.get(entry.text) or computed[entry.text] for entry in entries]
     dim = embedder.dim
+    blobs: list[bytes | None] = [known.get(entry.text) or computed[entry.text] for entry in entries]
     if any(blob is not None and len(blob) != 4 * dim for blob in blobs):  # vectors kept from another dimension
         return embed_entries(embedder, entries, {})
     return blobs, dim

@@ -20,7 +20,7 @@ from pipeline.media.sample import make_sample
 from pipeline.media.voice import SENTENCES
 from pipeline.storage import S3Storage
 from tests.browser import chromium_page
-from tests.conftest import use_broker
+from tests.conftest import EMBEDDING_MODEL, use_broker
 from tests.servers import NotificationReceiver, find_free_port
 from workers.producer import enqueue
 from workers.state import JobState
@@ -39,6 +39,7 @@ WORKER_ENV = {
     "OMNIQ_SUMMARY_MAX_NEW_TOKENS": "8",
     "OMNIQ_RETRY_BUDGET_SECONDS": "20",
     "OMNIQ_RETRY_MIN_SECONDS": "1",
+    "OMNIQ_EMBEDDING_MODEL": EMBEDDING_MODEL,  # the default: the media worker embeds what it indexes
 }
 
 
@@ -206,6 +207,10 @@ def test_several_files_with_s3_storage(cluster, tmp_path):
     hits = [h for h in json.loads(found.stdout) if h["media_id"] == podcast["media_id"] and h["kind"] == "transcript"]
     assert any(h["start"] == segment["start"] and h["end"] == segment["end"] for h in hits), found.stdout
     assert not any(h["media_id"] == bad["media_id"] for h in json.loads(found.stdout))
+    # and by meaning: the media worker embedded every entry when it indexed the job
+    meant = _cli(cluster, "search", "welcoming you to the show", "--mode", "meaning", "--json",
+                 "--media", podcast["media_id"], "--kind", "transcript", "--limit", "1")  # fmt: skip
+    assert json.loads(meant.stdout)[0]["start"] == segment["start"], meant.stdout + str(transcript["segments"])
     rebuilt = _cli(cluster, "index", "rebuild")
     assert rebuilt.returncode == 0 and "3" in rebuilt.stdout + rebuilt.stderr  # the three done files
 
