@@ -88,12 +88,37 @@ def _media_source(media_url: str) -> str:
     raise ValueError(f"media URL {media_url!r}: use a file:, http(s): or /path URL")
 
 
-def content_security_policy(media_url: str | None) -> str:
-    """No network access at all except media from the player's origin."""
+def content_security_policy(media_url: str | None, search_url: str | None = None) -> str:
+    """No network access at all except media from the player's origin, and (on ``omniq view --serve``) the
+    server's own search of this media."""
     media = f" media-src {_media_source(media_url)};" if media_url else ""
+    connect = " connect-src 'self';" if search_url else ""
     return (
-        f"default-src 'none'; img-src data:;{media} style-src {STYLE_HASH}; script-src {SCRIPT_HASH}; "
+        f"default-src 'none'; img-src data:;{media}{connect} style-src {STYLE_HASH}; script-src {SCRIPT_HASH}; "
         "base-uri 'none'; form-action 'none'"
+    )
+
+
+def _search_html(search_url: str | None) -> str:
+    """The page's search box: by words in the page itself; by meaning and both through ``search_url``."""
+    if search_url:
+        options = (
+            '<option value="hybrid" selected>words and meaning</option><option value="meaning">meaning</option>'
+            '<option value="words">words</option>'
+        )
+        note = ""
+    else:
+        options = '<option value="words" selected>words</option>'
+        note = (
+            '<p class="note" id="search-note">Searching this page by words. To search by meaning too, open it '
+            "with <code>omniq view MEDIA --serve</code>.</p>"
+        )
+    return (
+        '<form id="search-form" role="search">'
+        '<input type="search" id="search-box" maxlength="1000" autocomplete="off" '
+        'placeholder="Find a moment\u2026" aria-label="Find a moment in this media">'
+        f'<select id="search-mode" aria-label="Search by">{options}</select></form>\n'
+        f'{note}<p class="note" id="search-status" role="status"></p>\n<ol id="search-results"></ol>'
     )
 
 
@@ -207,11 +232,13 @@ def render_viewer(
     thumbnails: Mapping[int, bytes],
     media_url: str | None,
     player_note: str | None = None,
+    search_url: str | None = None,
 ) -> str:
     """The page for one finished job as a self-contained HTML document (see the module docstring).
 
     ``thumbnails`` maps chunk indices to JPEG bytes; ``media_url`` is what the player plays (None: no player,
-    and ``player_note`` says why in place of the generic note).
+    and ``player_note`` says why in place of the generic note). ``search_url``: where the page asks for hits
+    by meaning (``omniq view --serve``'s ``/<token>/search``); without it the box searches the page by words.
     """
     source = str(manifest.get("source", ""))
     name = escape(source_name(source))
@@ -250,13 +277,13 @@ def render_viewer(
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{escape(content_security_policy(media_url))}">
+<meta http-equiv="Content-Security-Policy" content="{escape(content_security_policy(media_url, search_url))}">
 <meta name="referrer" content="no-referrer">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{name} \u2014 omniq</title>
 <style>{STYLE}</style>
 </head>
-<body>
+<body data-search="{escape(search_url or "")}">
 <header>
 <h1>{name}</h1>
 <p class="meta">{meta}</p>
@@ -266,6 +293,10 @@ def render_viewer(
 <div class="side">
 <section class="card" id="media">
 {_player_html(manifest, media_url, player_note)}
+</section>
+<section class="card" id="search">
+<h2>Find a moment</h2>
+{_search_html(search_url)}
 </section>
 <section class="card" id="summary">
 <h2>Summary</h2>

@@ -8,6 +8,7 @@ import re
 import select
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -312,3 +313,75 @@ def test_long_unbroken_words_wrap_inside_their_cards(tmp_path: Path) -> None:
         )
     assert overflow["page"] <= 0 and overflow["summary"] <= 1 and overflow["segment"] <= 1, overflow
     assert overflow["transcript"] <= 0, overflow
+
+
+# -- the page's search box ------------------------------------------------------------------------------
+
+
+def test_the_page_searches_itself_by_words_offline_and_jumps_to_the_moment(store: Store) -> None:
+    requests: list[str] = []
+    errors: list[str] = []
+    with chromium_page() as page:
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        page.goto(store.page.as_uri())
+        assert page.locator("#search-mode option").all_inner_texts() == ["words"]
+        assert "omniq view MEDIA --serve" in page.locator("#search-note").inner_text()
+        page.wait_for_function(
+            "() => { const p = document.querySelector('#player'); return p.seekable.length && p.seekable.end(0) > 10 }"
+        )
+        page.fill("#search-box", "SECOND start")  # every word, case folded, as the start of a word
+        page.wait_for_function("() => document.querySelectorAll('#search-results .hit').length === 1")
+        hit = page.locator("#search-results .hit")
+        assert hit.locator("mark").all_inner_texts() == ["second", "starts"]
+        assert hit.locator(".label").text_content() == "transcript" and hit.locator(".time").inner_text() == "0:05"
+        hit.click()
+        page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 5.0) < 1.0")
+        page.fill("#search-box", "pattern")
+        page.wait_for_function("() => document.querySelectorAll('#search-results .hit').length === 5")
+        kinds = page.locator("#search-results .hit .label").all_text_contents()
+        assert sorted(set(kinds)) == ["caption", "summary"]
+        page.fill("#search-box", "submarine")
+        page.wait_for_function("() => document.querySelector('#search-status').textContent.includes('No moment')")
+        assert page.locator("#search-results .hit").count() == 0
+        page.fill("#search-box", "<script>")  # text, never markup
+        page.wait_for_function("() => document.querySelectorAll('#search-results .hit').length === 1")
+        assert page.locator("#search-results .hit .text").inner_text().startswith("<script>alert(1)</script> | ")
+    assert errors == [] and all(url.startswith(("file://", "data:")) for url in requests), requests
+
+
+def test_the_served_page_searches_by_meaning_through_the_index(store: Store, tmp_path: Path) -> None:
+    from pipeline.search import open_index, rebuild_index
+    from tests.conftest import EMBEDDING_MODEL
+
+    index_url = f"sqlite:///{tmp_path}/index.sqlite"
+    env = dict(os.environ, OMNIQ_EMBEDDING_MODEL=EMBEDDING_MODEL, OMNIQ_INDEX_URL=index_url)
+    settings = Settings(embedding_model=EMBEDDING_MODEL, index_url=index_url)
+    with open_index(index_url, settings) as index:
+        rebuild_index(LocalStorage(store.root), index)
+    with serving(store.media_id, "--out", str(store.root), env=env) as url:
+        for asked, status, message in (
+            ("?q=%20&mode=hybrid", 400, "empty"),
+            ("?q=hello&mode=fuzzy", 400, "search mode 'fuzzy'"),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url + "search" + asked, timeout=30)
+            assert refused.value.code == status and message in json.loads(refused.value.read())["error"]
+        with pytest.raises(urllib.error.HTTPError) as no_token:
+            urllib.request.urlopen(url.rsplit("/", 2)[0] + "/search?q=hello", timeout=30)
+        assert no_token.value.code == 404
+        with urllib.request.urlopen(url + "search?" + "q=" + "hello+" * 300 + "&mode=words", timeout=60) as answer:
+            assert "searched for its first 1000" in json.loads(answer.read())["notice"]
+        with chromium_page() as page:
+            page.goto(url)
+            assert page.locator("#search-mode").input_value() == "hybrid"
+            page.fill("#search-box", "greetings, everybody")  # no word of "Hello and welcome."
+            page.wait_for_function(
+                "() => { const h = document.querySelector('#search-results .hit'); "
+                "return h && h.dataset.mode === 'meaning' }",
+                timeout=60_000,  # the first query waits for the model to load
+            )
+            first = page.locator("#search-results .hit").first
+            assert first.locator(".text").inner_text() == "Hello and welcome."
+            first.click()
+            page.wait_for_function("() => Math.abs(document.querySelector('#player').currentTime - 0.5) < 1.0")

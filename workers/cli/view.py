@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 import webbrowser
 from contextlib import ExitStack, suppress
@@ -30,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, OmniqError, SourceNotFound
@@ -41,6 +42,8 @@ from pipeline.storage import LocalStorage, Storage, open_storage
 
 MEDIA_ID = re.compile(r"[0-9a-f]{20}")
 MEDIA_NAME = "media"  # ``--serve`` streams a local source file at /<token>/media
+SEARCH_NAME = "search"  # and answers the page's search box at /<token>/search?q=...&mode=...
+SEARCH_LIMIT = 20
 COPY_BLOCK = 256 * 1024
 
 
@@ -171,6 +174,9 @@ def serve_viewer(
                 player_note = str(error)
         else:
             media_url = media_url_for(inputs.manifest, settings)
+        search = media_search(media_id, settings)
+        if search is not None:
+            cleanup.callback(search.close)
         page = render_viewer(
             inputs.manifest,
             inputs.transcript,
@@ -179,8 +185,9 @@ def serve_viewer(
             inputs.thumbnails,
             media_url,
             player_note,
+            f"/{token}/{SEARCH_NAME}" if search is not None else None,
         )
-        server = make_server(page.encode(), media, token, host, port)
+        server = make_server(page.encode(), media, token, host, port, search)
         cleanup.callback(server.server_close)
         address = f"[{host}]" if ":" in host else host
         url = f"http://{address}:{server.server_address[1]}/{token}/{moment_fragment(at)}"
@@ -357,8 +364,66 @@ def requested_resource(request_path: str, token: str) -> str | None:
     return "/" + rest
 
 
-def make_server(page: bytes, media: SourceFile | None, token: str, host: str, port: int) -> ThreadingHTTPServer:
-    """A server for the page at ``/<token>/`` and, when given, the media file at ``/<token>/media`` (with Range).
+class MediaSearch:
+    """The page's search by meaning and both: the search index, restricted to one media, asked from one thread
+    (one connection, one cached matrix of vectors) whatever the server's threads."""
+
+    def __init__(self, index: Any, media_id: str, embedding: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.index, self.media_id = index, media_id
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="omniq-view-search")
+        if embedding:  # the model loads now, not on the first query
+            self._thread.submit(lambda: index.embedder.encode(["warm up"]))
+
+    def answer(self, query: str, mode: str) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) for the page: ``{hits, notice}``, or ``{error}``."""
+        from pipeline.search import MODES, QUERY_MAX_CHARS, clean_text
+
+        if mode not in MODES:
+            return 400, {"error": f"search mode {mode!r}: use one of {', '.join(MODES)}"}
+        if not clean_text(query):
+            return 400, {"error": "the search query is empty: type one or more words"}
+        notice = None
+        if len(query) > QUERY_MAX_CHARS:
+            notice = f"the query has {len(query)} characters; searched for its first {QUERY_MAX_CHARS}"
+            query = query[:QUERY_MAX_CHARS]
+
+        def run() -> list[Any]:
+            return self.index.search(query, SEARCH_LIMIT, mode=mode, media_id=self.media_id)
+
+        try:
+            hits = self._thread.submit(run).result()
+        except (OmniqError, ValueError) as error:  # a model the index was not built with, a query of no words
+            return 409 if isinstance(error, OmniqError) else 400, {"error": str(error)}
+        return 200, {"hits": [hit.to_json() for hit in hits], "notice": notice}
+
+    def close(self) -> None:
+        self._thread.submit(self.index.close).result()
+        self._thread.shutdown()
+
+
+def media_search(media_id: str, settings: Settings) -> MediaSearch | None:
+    """Search by meaning for the served page, or None where there is no index to ask or no embedding model
+    (the page then searches its own text by words)."""
+    from pipeline.search import embedder_for, open_index
+
+    try:
+        embedder = embedder_for(settings.embedding_model)
+        if embedder is None:
+            return None
+        index = open_index(settings.index_url, settings, create=False)
+    except OmniqError as error:
+        print(f"omniq: the page searches by words only: {error}", file=sys.stderr)
+        return None
+    return MediaSearch(index, media_id, embedding=True)
+
+
+def make_server(
+    page: bytes, media: SourceFile | None, token: str, host: str, port: int, search: MediaSearch | None = None
+) -> ThreadingHTTPServer:
+    """A server for the page at ``/<token>/``, when given the media file at ``/<token>/media`` (with Range),
+    and the search of this media at ``/<token>/search?q=QUERY&mode=words|meaning|hybrid`` (JSON).
 
     Any other path, and every path without the token, gets 404 and no content: a request without the token
     learns nothing, not even whether there is media. ``/<token>/media`` is 404 too when there is no media
@@ -384,6 +449,10 @@ def make_server(page: bytes, media: SourceFile | None, token: str, host: str, po
                 self._send(200, page, "text/html; charset=utf-8", body)
             elif resource == f"/{MEDIA_NAME}" and media is not None:
                 self._send_media(media, body)
+            elif resource == f"/{SEARCH_NAME}" and search is not None:
+                asked = parse_qs(urlsplit(self.path).query)
+                status, answer = search.answer(asked.get("q", [""])[0], asked.get("mode", ["hybrid"])[0])
+                self._send(status, json.dumps(answer).encode(), "application/json", body)
             else:
                 self._send(404, b"not found\n", "text/plain", body)
 
