@@ -187,7 +187,7 @@ def rebuild_index(storage: Storage, index: SearchIndex, progress: RebuildProgres
 
     # the store is read by REBUILD_READERS threads (one request each: an S3 store answers them at once), the
     # index is written here, one media after another, in listing order
-    with ThreadPoolExecutor(REBUILD_READERS, thread_name_prefix="omniq-rebuild") as readers:
+    with index.rebuilding(), ThreadPoolExecutor(REBUILD_READERS, thread_name_prefix="omniq-rebuild") as readers:
         while batch := list(islice(media_ids, 4 * REBUILD_READERS)):
             for media_id, found in zip(batch, readers.map(read, batch), strict=True):
                 if isinstance(found, OmniqError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +58,29 @@ class Embedder:
         model = self._loaded()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with self._lock:  # one forward pass at a time: torch already uses every core for one
+        with self._lock, _threads(1 if len(texts) == 1 else None):  # one forward pass at a time
             vectors = model.encode(
                 texts, batch_size=BATCH, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads for one call: a query (one short text) runs in one thread, which is about as
+    fast as two on an idle machine and does not stall for tens of milliseconds when another process holds a
+    core (measured: p95 14 ms against 500 ms); batches use every core."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is None or count == previous:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _load(name: str, location: str) -> Any:

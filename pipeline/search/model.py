@@ -6,6 +6,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -82,6 +83,7 @@ class SearchIndex(Protocol):
     ) -> list[SearchHit]: ...
     def use_embedder(self) -> bool: ...
     def embedding_model(self) -> str | None: ...
+    def rebuilding(self) -> AbstractContextManager[None]: ...
     def count(self) -> int: ...
     def close(self) -> None: ...
 
@@ -91,6 +93,10 @@ class PerThreadConnection:
     closed by ``close`` or at the end of a ``with`` block."""
 
     _local: threading.local
+
+    def rebuilding(self) -> AbstractContextManager[None]:
+        """Around a whole rebuild (``rebuild_index``): a backend may defer index maintenance to its end."""
+        return nullcontext()
 
     def close(self) -> None:
         """Close this thread's connection; the index opens it again when used."""

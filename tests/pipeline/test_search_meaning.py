@@ -196,7 +196,7 @@ def test_an_index_of_another_model_is_refused_until_rebuilt(backend, tmp_path):
         words_only.search("closing the bridge", 5, mode="meaning")
 
 
-def test_the_pgvector_backend_uses_an_hnsw_index_and_the_other_postgres_bytes(backend):
+def test_the_pgvector_backend_uses_an_hnsw_index_and_the_other_postgres_bytes(backend, tmp_path):
     if backend.kind == "sqlite":
         return  # SQLite keeps vectors in a column of its rows (every test here)
     index = backend()
@@ -215,6 +215,16 @@ def test_the_pgvector_backend_uses_an_hnsw_index_and_the_other_postgres_bytes(ba
         )  # fmt: skip
         conn.execute("RESET enable_seqscan")
         assert "omniq_entries_hnsw" in plan
+        storage = LocalStorage(tmp_path / "store")
+        write_results(storage, "bridge", segments=[(0.0, 4.0, PASSAGES["bridge"])])
+        dropped: list[bool] = []
+
+        def progress(*_: object) -> None:  # during the rebuild the graph is gone (built once at its end)
+            dropped.append(conn.execute("SELECT to_regclass('omniq_entries_hnsw')").fetchone()[0] is None)
+
+        rebuild_index(storage, index, progress)
+        assert dropped == [True] and conn.execute("SELECT to_regclass('omniq_entries_hnsw')").fetchone()[0]
+        assert index.search("closing the bridge", 1, mode="meaning")[0].media_id == "bridge"
     else:
         assert index.vector_store() == "bytes"
         assert not any("hnsw" in definition for definition in indexes)
