@@ -245,6 +245,9 @@ def main() -> int:
     parser.add_argument("--postgres-url", help="a server without pgvector (default: a throwaway PostgreSQL 15)")
     parser.add_argument("--pgvector-url", help="a server with pgvector (default: a throwaway PostgreSQL 16)")
     parser.add_argument("--skip-latency", action="store_true", help="only the retrieval table")
+    parser.add_argument(
+        "--backends", default="sqlite,postgres,pgvector", help="comma-separated (default sqlite,postgres,pgvector)"
+    )
     args = parser.parse_args()
     check()
     model = embedder_for(BUNDLED)
@@ -291,6 +294,7 @@ def main() -> int:
             "sqlite": stack.enter_context(SQLiteIndex(directory / "index.sqlite", embedder=stand_in)),
             **{name: stack.enter_context(PostgresIndex(fresh(url), embedder=stand_in)) for name, url in urls.items()},
         }
+        large = {name: index for name, index in large.items() if name in args.backends.split(",")}
         texts = queries(args.queries)
         print("\n| backend | entries | rebuild (vectors given) | mode | p50 ms | p95 ms | max ms | first query ms |")
         print("|---|---|---|---|---|---|---|---|")
@@ -307,9 +311,9 @@ def main() -> int:
                     f"| {name} | {entries} | {rate} | {mode} | {percentile(measured, 0.5):.1f} | {p95:.1f} | "
                     f"{max(measured):.1f} | {first:.0f} |"
                 )
-        print(
-            f"\ngoal p95 <= 50 ms at {args.media * 50} entries embedded (SQLite): {'met' if worst <= 50 else 'NOT met'}"
-        )
+        if "sqlite" in large:
+            goal = "met" if worst <= 50 else "NOT met"
+            print(f"\ngoal p95 <= 50 ms at {args.media * 50} entries embedded (SQLite): {goal}")
     return 0
 
 

@@ -163,6 +163,7 @@ class PostgresIndex(Searcher, PerThreadConnection):
         self.create = create
         self.embedder = embedder
         self._vectors = VectorCache()
+        self._rebuilding = False
         self._local = threading.local()
         self._connection()  # fail early: unreachable server, wrong password, missing schema
 
@@ -269,7 +270,8 @@ class PostgresIndex(Searcher, PerThreadConnection):
             log.warning("search index %s: pgvector exists but cannot be created (%s)", redacted(self.url), error)
             return False
         conn.execute(f"ALTER TABLE omniq_entries ADD COLUMN IF NOT EXISTS embedding_v vector({int(dim)})")
-        conn.execute(_HNSW)
+        if not self._rebuilding:  # a rebuild builds the graph once, at its end
+            conn.execute(_HNSW)
         return True
 
     @contextmanager
@@ -278,13 +280,13 @@ class PostgresIndex(Searcher, PerThreadConnection):
         build is several times faster than as many inserts into the graph). Meanwhile search by meaning scans
         every row, exactly; the index is built again even when the rebuild fails."""
         conn = self._connection()
-        if self._meta(conn, "vector_store") != PGVECTOR:
-            yield
-            return
-        conn.execute("DROP INDEX IF EXISTS omniq_entries_hnsw")
+        if self._meta(conn, "vector_store") == PGVECTOR:
+            conn.execute("DROP INDEX IF EXISTS omniq_entries_hnsw")
+        self._rebuilding = True
         try:
             yield
         finally:
+            self._rebuilding = False
             with conn.transaction():
                 conn.execute("SELECT set_config('maintenance_work_mem', '1GB', true)")
                 if self._meta(conn, "vector_store") == PGVECTOR:
