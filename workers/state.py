@@ -12,6 +12,7 @@ took its lease, see ``workers.reliability.leases``), finished, retried, and how 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+log = logging.getLogger(__name__)
 
 PREFIX = "omniq"
 JOBS_INDEX = f"{PREFIX}:jobs"  # every job, scored by creation time (for `omniq status`)
@@ -99,6 +102,17 @@ if ARGV[2] ~= status then
 end
 return 'ok'
 """
+# KEYS: job hash, units; ARGV: unit, now, run (the job's created_at when the unit started; '' for any). Marks the
+# unit done unless the job was created again since (a new run's units are its own).
+_UNIT_DONE = """
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'created_at') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1] .. ':done', ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[1] .. ':started', ARGV[1] .. ':retry_at', ARGV[1] .. ':retry_since',
+           ARGV[1] .. ':retry_reason')
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'retry_at', 'retry_reason')
+return 1
+"""
 # KEYS: job hash, active set; ARGV: job_id. A job whose ingest message is sent and that is still queued waits in
 # the queue: nothing for the watchdog to watch until a worker starts it (a library of 100,000 queued files
 # costs the sweeps nothing).
@@ -171,6 +185,7 @@ class JobState:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._waiting = client.register_script(_WAITING)
+        self._unit_done = client.register_script(_UNIT_DONE)
 
     @classmethod
     def from_url(cls, url: str, retry_seconds: float = 2.0) -> JobState:
@@ -300,15 +315,17 @@ class JobState:
     def was_sent(self, job_id: str, unit: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id, "units"), f"{unit}:sent"))
 
-    def unit_done(self, job_id: str, unit: str) -> None:
-        """A unit finished, successors published: it never needs to run again."""
-        units = self.key(job_id, "units")
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(units, f"{unit}:done", time.time())
-            pipe.hdel(units, f"{unit}:started", f"{unit}:retry_at", f"{unit}:retry_since", f"{unit}:retry_reason")
-            pipe.hset(self.key(job_id), "updated_at", time.time())
-            pipe.hdel(self.key(job_id), "retry_at", "retry_reason")
-            pipe.execute()
+    def run_of(self, job_id: str) -> str | None:
+        """Which run of the job this is: its ``created_at``, which a new run (``enqueue``, ``retry``) sets anew."""
+        return self.redis.hget(self.key(job_id), "created_at")
+
+    def unit_done(self, job_id: str, unit: str, run: str | None = None) -> None:
+        """A unit finished, successors published: it never needs to run again. ``run`` (from ``run_of`` when the
+        unit started): only if the job is still that run, so a step that ends after its job was enqueued again
+        cannot mark the new run's unit done."""
+        keys = [self.key(job_id), self.key(job_id, "units")]
+        if not self._unit_done(keys=keys, args=[unit, time.time(), run or ""]):
+            log.info("not marking %s of job %s done: the job was enqueued again meanwhile", unit, job_id)
 
     def is_unit_done(self, job_id: str, unit: str) -> bool:
         return bool(self.redis.hexists(self.key(job_id, "units"), f"{unit}:done"))

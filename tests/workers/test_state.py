@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import fakeredis
 import pytest
 
@@ -88,6 +90,21 @@ def test_units_record_sending_retries_and_completion(state):
     assert state.is_unit_done("j1", "infer-0") and state.retry_since("j1", "infer-0") is None
     state.finish("j1", "done")
     assert state.get("j1")["retry_at"] is None  # an ended job shows no pending retry
+
+
+def test_a_unit_of_an_earlier_run_is_not_marked_done_in_the_new_run(state):
+    """A step that ends after its job was enqueued again (a forced re-run right after ``done``) must not mark the
+    new run's unit done: that run would skip it and never end."""
+    state.create("j1", "s", "m", {})
+    first_run = state.run_of("j1")
+    state.finish("j1", "done")
+    time.sleep(0.01)
+    assert state.create("j1", "s", "m", {}, force=True) == "created"
+    assert state.run_of("j1") != first_run
+    state.unit_done("j1", "finalize", first_run)  # the earlier run's finalize, finishing late
+    assert not state.is_unit_done("j1", "finalize")
+    state.unit_done("j1", "finalize", state.run_of("j1"))
+    assert state.is_unit_done("j1", "finalize")
 
 
 def test_status_fields_and_listing(state):

@@ -95,6 +95,7 @@ class OmniqTask(Task):
         job_id, unit = kwargs["job_id"], unit_of(self.name, kwargs)
         received = _take_received(self.request.id)  # the lease taken when the message arrived, if any
         status = runtime.state().status(job_id)
+        run = runtime.state().run_of(job_id)
         # a late duplicate (the job ended or moved past this step), a unit already done, or a job whose state
         # was lost (``omniq recover`` and the watchdog send its work again): nothing to do
         if status not in RUNS_IN[self.name]:
@@ -120,7 +121,7 @@ class OmniqTask(Task):
             deadlines.set_owner((job_id, unit))  # work it hands to the model is watched for this unit
             with _gate_for(job_id, unit, lease) if shared else nullcontext():
                 result = super().__call__(*args, **kwargs)
-            runtime.state().unit_done(job_id, unit)
+            runtime.state().unit_done(job_id, unit, run)
             failures.clean_if_ended(job_id, unit)
             return result
         except TRANSIENT as error:

@@ -43,8 +43,9 @@ def finalize(self: Task, job_id: str, source: str) -> None:
     )
     with deadlines.watch(f"finalize of job {job_id}", seconds):
         manifest = job.finalize(plan, runtime.storage(), job.settings_for(plan.spec, runtime.settings()), timings)
-    _finish(job_id, manifest)
+    # indexed (and embedded) before the job ends: a job that is done can be found
     job.update_index(runtime.index_or_none(), runtime.storage(), plan.spec.media_id)
+    _finish(job_id, manifest)
 
 
 def _finish(job_id: str, manifest: dict[str, Any]) -> None:
