@@ -86,6 +86,18 @@ def write_results(
     )
 
 
+def run_writers(target, arguments: list[tuple], timeout: float = 120) -> list[int | None]:
+    """``target(*args)`` in a spawned process for each ``args``, all at once; their exit codes (None: still
+    running after ``timeout``)."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=target, args=args) for args in arguments]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=timeout)
+    return [process.exitcode for process in workers]
+
+
 def emptied(index):
     """A PostgreSQL index as new: no entries, no recorded embedding model (the tests share one database)."""
     conn = index._connection()
@@ -369,14 +381,8 @@ def _write_many(path: str, worker: int, media: int, start) -> None:
 
 def test_two_processes_write_at_once_and_both_land(tmp_path):
     path = str(tmp_path / "index.sqlite")
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(2)
-    workers = [context.Process(target=_write_many, args=(path, worker, 40, start)) for worker in (1, 2)]
-    for process in workers:
-        process.start()
-    for process in workers:
-        process.join(timeout=120)
-    assert [process.exitcode for process in workers] == [0, 0]
+    start = multiprocessing.get_context("spawn").Barrier(2)
+    assert run_writers(_write_many, [(path, worker, 40, start) for worker in (1, 2)]) == [0, 0]
 
     with SQLiteIndex(Path(path)) as index:
         assert index.count() == 2 * 40 * 5

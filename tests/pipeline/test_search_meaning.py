@@ -4,7 +4,6 @@ client) and PostgreSQL 16 with pgvector (an HNSW index). The same contract for a
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pipeline.search.meaning import HYBRID_POOL, QUERY_MAX_CHARS, VectorCache, f
 from pipeline.search.model import SearchHit
 from pipeline.storage import LocalStorage
 from tests.conftest import EMBEDDING_MODEL
-from tests.pipeline.test_search import emptied, write_results
+from tests.pipeline.test_search import emptied, run_writers, write_results
 
 # Spoken passages, and queries that mean the same and share no content word with them.
 PASSAGES = {
@@ -251,13 +250,7 @@ def test_writers_in_several_processes_keep_entries_and_vectors_together(backend,
     index = backend()
     passages(index)
     url = str(tmp_path / "index.sqlite") if backend.kind == "sqlite" else index.url
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_write_embedded, args=(url, worker, 4)) for worker in range(2)]
-    for process in workers:
-        process.start()
-    for process in workers:
-        process.join(timeout=180)
-        assert process.exitcode == 0
+    assert run_writers(_write_embedded, [(url, worker, 4) for worker in range(2)], timeout=180) == [0, 0]
     assert index.count() == 2 * len(PASSAGES) + 3 + 2 * 4
     everything = index.search("speaks", 100, mode="meaning")
     assert len(everything) == index.count()  # every entry has its vector

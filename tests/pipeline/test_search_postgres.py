@@ -3,7 +3,6 @@ in several processes, the versioned schema. The behaviour both backends share is
 
 from __future__ import annotations
 
-import multiprocessing
 from urllib.parse import urlsplit
 
 import pytest
@@ -12,7 +11,7 @@ from pipeline.config import Settings
 from pipeline.errors import SourceNotFound, TransientError
 from pipeline.search import IndexEntry, open_index
 from pipeline.search.postgres import SCHEMA_VERSION, PostgresIndex, config_for
-from tests.pipeline.test_search import emptied
+from tests.pipeline.test_search import emptied, run_writers
 
 
 def entry(media_id, text, language=None, start=0.0, kind="transcript"):
@@ -81,13 +80,7 @@ def _write(url: str, worker: int, rounds: int) -> None:
 
 
 def test_many_writers_in_several_processes_never_duplicate_or_lose_rows(index, postgres_url):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_write, args=(postgres_url, worker, 8)) for worker in range(4)]
-    for process in workers:
-        process.start()
-    for process in workers:
-        process.join(timeout=120)
-        assert process.exitcode == 0
+    assert run_writers(_write, [(postgres_url, worker, 8) for worker in range(4)]) == [0] * 4
     rows = index._connection().execute("SELECT count(*) FROM omniq_entries WHERE media_id = 'shared'").fetchone()[0]
     assert rows == 5  # one writer's five rows, never a mix or a double
     assert len(index.media_ids()) == 1 + 4 * 8
