@@ -240,6 +240,8 @@ def update_index(index: SearchIndex | None, storage: Storage, media_id: str) -> 
         index_media(storage, media_id, index)
     except OmniqError as error:
         log.warning("could not index %s (run 'omniq index rebuild' later): %s", media_id, error)
+    except Exception as error:  # an embedding model that breaks, a damaged file: the job is done all the same
+        log.warning("could not index %s (run 'omniq index rebuild' later): %s", media_id, error, exc_info=True)
 
 
 def run_job(

@@ -366,3 +366,18 @@ def test_the_vector_cache_refreshes_only_what_changed():
     assert reads == [1, 9] and [i for i, _ in cache.top(query, 3)] == [9, 5, 2]
     assert [i for i, _ in cache.top(query, 3, allowed=[2, 5, 77])] == [5, 2]
     assert cache.top(query, 3, allowed=[77]) == []
+
+
+def test_an_embedding_failure_is_logged_and_never_fails_the_job(tmp_path, caplog):
+    from pipeline.job import update_index
+
+    class Broken(Embedder):
+        def encode(self, texts: list[str]) -> np.ndarray:
+            raise RuntimeError("the model broke")
+
+    index = SQLiteIndex(tmp_path / "index.sqlite", embedder=Broken(*model_location(EMBEDDING_MODEL)))
+    storage = LocalStorage(tmp_path / "store")
+    write_results(storage, "m1", segments=[(0.0, 1.0, "hello there")])
+    update_index(index, storage, "m1")  # finalize calls it before the job ends: it must not raise
+    assert "could not index m1" in caplog.text and "the model broke" in caplog.text
+    assert index.count() == 0  # nothing half-written: 'omniq index rebuild' adds it later
