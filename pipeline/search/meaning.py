@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.search.embed import NONE, SETTING, Embedder, to_blob
+from pipeline.search.embed import NONE, SETTING, Embedder, mismatch_message, recorded_name, to_blob
 from pipeline.search.model import IndexEntry, SearchHit, clean_text
 
 MODES = ("words", "meaning", "hybrid")
@@ -192,11 +192,7 @@ def embed_entries(
     if not missing:  # nothing to embed: the model is not even loaded (a rebuild of an unchanged store)
         return [known[entry.text] for entry in entries], len(known[entries[0].text]) // 4
     computed = dict(zip(missing, (to_blob(vector) for vector in embedder.encode(missing)), strict=True))
-    dim = embedder.dim
-    blobs: list[bytes | None] = [known.get(entry.text) or computed[entry.text] for entry in entries]
-    if any(blob is not None and len(blob) != 4 * dim for blob in blobs):  # vectors kept from another dimension
-        return embed_entries(embedder, entries, {})
-    return blobs, dim
+    return [known.get(entry.text) or computed[entry.text] for entry in entries], embedder.dim
 
 
 def meaning_hits(nearest: list[tuple[int, float]], rows: dict[int, tuple[Any, ...]]) -> list[SearchHit]:
@@ -206,15 +202,24 @@ def meaning_hits(nearest: list[tuple[int, float]], rows: dict[int, tuple[Any, ..
     for entry_id, score in nearest:
         if entry_id in rows:
             media_id, source, tag, kind, start, end, text = rows[entry_id]
-            hit = SearchHit(media_id, source, kind, text, float(start), float(end), round(score, 6), text, tag)
-            hits.append(replace(hit, mode="meaning"))
+            score = round(score, 6)
+            hits.append(
+                SearchHit(media_id, source, kind, text, float(start), float(end), score, text, tag, (), "meaning")
+            )
     return hits
 
 
 def check_recorded(where: str, recorded: str | None, embedder: Embedder | None) -> None:
     """Raise the rebuild message when the index's vectors are not this embedder's."""
-    from pipeline.search.embed import mismatch_message, recorded_name
-
     configured = recorded_name(embedder)
     if recorded is not None and recorded != configured:
         raise ConfigError(mismatch_message(where, recorded, configured))
+
+
+def check_dim(where: str, known: str | None, dim: int | None, embedder: Embedder | None) -> None:
+    """Raise when vectors of ``dim`` dimensions would join an index that records ``known``."""
+    if dim is not None and known is not None and int(known) != dim:
+        raise ConfigError(
+            f"search index {where} holds {known}-dimensional vectors, {recorded_name(embedder)} gives {dim}: "
+            "run 'omniq index rebuild'"
+        )

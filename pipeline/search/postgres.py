@@ -36,7 +36,15 @@ import numpy as np
 from pipeline.config import redacted
 from pipeline.errors import ConfigError, SourceNotFound, TransientError
 from pipeline.search.embed import Embedder, recorded_name, to_blob
-from pipeline.search.meaning import Filters, Searcher, VectorCache, check_recorded, embed_entries, meaning_hits
+from pipeline.search.meaning import (
+    Filters,
+    Searcher,
+    VectorCache,
+    check_dim,
+    check_recorded,
+    embed_entries,
+    meaning_hits,
+)
 from pipeline.search.model import (
     HIGHLIGHT_CLOSE,
     HIGHLIGHT_OPEN,
@@ -209,8 +217,12 @@ class PostgresIndex(Searcher, PerThreadConnection):
                     log.info("search index %s: schema migrated to version %d", redacted(self.url), number)
 
     def _meta(self, conn: Any, key: str) -> str | None:
-        row = conn.execute("SELECT value FROM omniq_meta WHERE key = %s", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        return self._metas(conn).get(key)
+
+    @staticmethod
+    def _metas(conn: Any) -> dict[str, str]:
+        """Every ``omniq_meta`` key (model, dimension, store, change counter) in one round trip."""
+        return {key: str(value) for key, value in conn.execute("SELECT key, value FROM omniq_meta")}
 
     def _set_meta(self, conn: Any, key: str, value: str) -> None:
         conn.execute(
@@ -231,13 +243,15 @@ class PostgresIndex(Searcher, PerThreadConnection):
     def _adopt(self, conn: Any, dim: int | None) -> str | None:
         """Record this embedder (and, with the first vectors, their dimension and store) on an index that has
         none yet, or refuse another model's index; returns the vector store. In the caller's transaction."""
-        recorded, store = self._meta(conn, "embedding_model"), self._meta(conn, "vector_store")
+        meta = self._metas(conn)
+        recorded, store = meta.get("embedding_model"), meta.get("vector_store")
         if recorded is not None and (dim is None or store is not None):
             check_recorded(redacted(self.url), recorded, self.embedder)
-            self._check_dim(conn, dim)
+            check_dim(redacted(self.url), meta.get("embedding_dim"), dim, self.embedder)
             return store
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_SCHEMA,))  # one adopter; the others wait, then see it
-        recorded, store = self._meta(conn, "embedding_model"), self._meta(conn, "vector_store")
+        meta = self._metas(conn)
+        recorded, store = meta.get("embedding_model"), meta.get("vector_store")
         if recorded is None:
             self._set_meta(conn, "embedding_model", recorded_name(self.embedder))
         else:
@@ -247,16 +261,9 @@ class PostgresIndex(Searcher, PerThreadConnection):
             self._set_meta(conn, "embedding_dim", str(dim))
             self._set_meta(conn, "vector_store", store)
             log.info("search index %s: %d-dimensional embeddings stored as %s", redacted(self.url), dim, store)
-        self._check_dim(conn, dim)
+        else:
+            check_dim(redacted(self.url), meta.get("embedding_dim"), dim, self.embedder)
         return store
-
-    def _check_dim(self, conn: Any, dim: int | None) -> None:
-        known = self._meta(conn, "embedding_dim")
-        if dim is not None and known is not None and int(known) != dim:
-            raise ConfigError(
-                f"search index {redacted(self.url)} holds {known}-dimensional vectors, "
-                f"{recorded_name(self.embedder)} gives {dim}: run 'omniq index rebuild'"
-            )
 
     def _create_vector_column(self, conn: Any, dim: int) -> bool:
         """Add the pgvector column and its HNSW index if the extension exists or may be created here."""
@@ -417,11 +424,12 @@ class PostgresIndex(Searcher, PerThreadConnection):
     def _meaning(self, vector: np.ndarray, limit: int, filters: Filters) -> list[SearchHit]:
         """The ``limit`` entries nearest ``vector`` (cosine) that pass ``filters``, best first."""
         conn = self._connection()
-        recorded = self._meta(conn, "embedding_model")
+        meta = self._metas(conn)  # one round trip per query
+        recorded = meta.get("embedding_model")
         if recorded is None:
             return []
         check_recorded(redacted(self.url), recorded, self.embedder)
-        store, dim = self._meta(conn, "vector_store"), self._meta(conn, "embedding_dim")
+        store, dim = meta.get("vector_store"), meta.get("embedding_dim")
         if store == PGVECTOR:
             parameters = {
                 **_filter_parameters(filters),
@@ -435,7 +443,7 @@ class PostgresIndex(Searcher, PerThreadConnection):
         if store != BYTES or dim is None:
             return []
         self._vectors.refresh(
-            self._meta(conn, "changes"),
+            meta["changes"],
             int(dim),
             lambda: (row[0] for row in conn.execute("SELECT id FROM omniq_entries WHERE embedding IS NOT NULL")),
             lambda first: (

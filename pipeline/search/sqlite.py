@@ -26,7 +26,15 @@ import numpy as np
 
 from pipeline.errors import ConfigError, OmniqError, SourceNotFound, TransientError
 from pipeline.search.embed import Embedder, recorded_name
-from pipeline.search.meaning import Filters, Searcher, VectorCache, check_recorded, embed_entries, meaning_hits
+from pipeline.search.meaning import (
+    Filters,
+    Searcher,
+    VectorCache,
+    check_dim,
+    check_recorded,
+    embed_entries,
+    meaning_hits,
+)
 from pipeline.search.model import (
     BUSY_TIMEOUT_MS,
     HIGHLIGHT_CLOSE,
@@ -191,8 +199,12 @@ class SQLiteIndex(Searcher, PerThreadConnection):
             raise
 
     def _meta(self, conn: sqlite3.Connection, key: str) -> str | None:
-        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        return self._metas(conn).get(key)
+
+    @staticmethod
+    def _metas(conn: sqlite3.Connection) -> dict[str, str]:
+        """Every ``meta`` key (model, dimension, change counter) in one read."""
+        return {key: str(value) for key, value in conn.execute("SELECT key, value FROM meta")}
 
     def embedding_model(self) -> str | None:
         """The model whose vectors this index holds (``none``: no vectors); None while it is empty and unset."""
@@ -239,20 +251,14 @@ class SQLiteIndex(Searcher, PerThreadConnection):
 
     def _adopt(self, conn: sqlite3.Connection, dim: int | None) -> None:
         """Record this embedder on an index that has none yet; refuse another model's index."""
-        recorded = self._meta(conn, "embedding_model")
-        if recorded is None:
+        meta = self._metas(conn)
+        if "embedding_model" not in meta:
             conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_model', ?)", (recorded_name(self.embedder),))
         else:
-            check_recorded(str(self.path), recorded, self.embedder)
-        if dim is not None:
-            known = self._meta(conn, "embedding_dim")
-            if known is None:
-                conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_dim', ?)", (str(dim),))
-            elif int(known) != dim:
-                raise ConfigError(
-                    f"search index {self.path} holds {known}-dimensional vectors, {recorded_name(self.embedder)} "
-                    f"gives {dim}: run 'omniq index rebuild'"
-                )
+            check_recorded(str(self.path), meta["embedding_model"], self.embedder)
+        check_dim(str(self.path), meta.get("embedding_dim"), dim, self.embedder)
+        if dim is not None and "embedding_dim" not in meta:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('embedding_dim', ?)", (str(dim),))
 
     def use_embedder(self) -> bool:
         """Make the index hold this embedder's vectors: if it records another model, every vector is dropped
@@ -321,16 +327,15 @@ class SQLiteIndex(Searcher, PerThreadConnection):
         """The ``limit`` entries whose vectors are nearest ``vector`` (cosine), best first, that pass ``filters``."""
         conn = self._connection()
         try:
-            recorded = self._meta(conn, "embedding_model")
-            if recorded is None:
+            meta = self._metas(conn)  # one read per query
+            if "embedding_model" not in meta:
                 return []  # nothing indexed yet
-            check_recorded(str(self.path), recorded, self.embedder)
-            dim = self._meta(conn, "embedding_dim")
-            if dim is None:
+            check_recorded(str(self.path), meta["embedding_model"], self.embedder)
+            if "embedding_dim" not in meta:
                 return []
             self._vectors.refresh(
-                self._meta(conn, "changes"),
-                int(dim),
+                meta["changes"],
+                int(meta["embedding_dim"]),
                 lambda: (row[0] for row in conn.execute("SELECT id FROM entries WHERE vector IS NOT NULL")),
                 lambda first: conn.execute(
                     "SELECT id, vector FROM entries WHERE id >= ? AND vector IS NOT NULL", (first,)
