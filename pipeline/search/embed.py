@@ -168,9 +168,3 @@ def mismatch_message(where: str, recorded: str, configured: str) -> str:
 
 def to_blob(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype="<f4").tobytes()
-
-
-def from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
-    if not blobs:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32, copy=False)

@@ -368,13 +368,12 @@ class MediaSearch:
     """The page's search by meaning and both: the search index, restricted to one media, asked from one thread
     (one connection, one cached matrix of vectors) whatever the server's threads."""
 
-    def __init__(self, index: Any, media_id: str, embedding: bool) -> None:
+    def __init__(self, index: Any, media_id: str) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.index, self.media_id = index, media_id
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="omniq-view-search")
-        if embedding:  # the model loads now, not on the first query
-            self._thread.submit(lambda: index.embedder.encode(["warm up"]))
+        self._thread.submit(lambda: index.embedder.encode(["warm up"]))  # the model loads now, not on a query
 
     def answer(self, query: str, mode: str) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) for the page: ``{hits, notice}``, or ``{error}``."""
@@ -416,7 +415,7 @@ def media_search(media_id: str, settings: Settings) -> MediaSearch | None:
     except OmniqError as error:
         print(f"omniq: the page searches by words only: {error}", file=sys.stderr)
         return None
-    return MediaSearch(index, media_id, embedding=True)
+    return MediaSearch(index, media_id)
 
 
 def make_server(
