@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
 TINY_MODEL = "tiny"
 TRANSCRIBERS = ("auto", "omni", "whisper")  # auto: whisper with the tiny model, omni with a real checkpoint
+ENGINES = ("transformers", "vllm")  # what runs Qwen3-Omni (README "Engines")
 
 
 def default_cache_dir() -> Path:
@@ -32,6 +33,7 @@ class Settings(BaseSettings):
 
     # Model
     model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=1024)  # hub id, local path, or "tiny"
+    engine: str = "transformers"  # transformers | vllm (from an environment of its own: README "Engines")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     batch_size: int = Field(default=4, ge=1, le=64)  # rows per generate call
@@ -40,6 +42,14 @@ class Settings(BaseSettings):
     gpu_slots: int | None = Field(default=None, ge=1)  # messages a GPU worker works on at once (default 4 x batch)
     attention: str = "auto"  # auto (transformers' default: sdpa) | sdpa | eager | flash_attention_2 | ...
     experts: str = "auto"  # MoE experts: auto (grouped_mm, batched_mm for decode on GPU) | grouped_mm | eager | ...
+    # vLLM engine: its share of the GPU's memory (weights + KV cache), GPUs per worker (tensor parallel), the longest
+    # prompt + answer it takes, the sequences it runs at once (None: vLLM's default), and whether its engine core
+    # runs in a process of its own (faster on a GPU; in-process, a killed worker takes the engine with it)
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    vllm_max_model_len: int = Field(default=32_768, ge=512, le=262_144)
+    vllm_max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
+    vllm_engine_process: bool = False
     language: str | None = None  # ISO 639-1 code or English name ("en", "English"); None: detected per file
     # Who writes the transcript (README "Transcribers"): Qwen3-Omni, or Whisper on CTranslate2 (words with times)
     transcriber: str = "auto"  # auto | omni | whisper
@@ -146,6 +156,14 @@ class Settings(BaseSettings):
         from pipeline.failpoints import parse
 
         parse(value)  # a ValueError names the part that does not parse
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ENGINES:
+            raise ValueError(f"engine {value!r}: use transformers (the default) or vllm")
         return value
 
     @field_validator("transcriber")

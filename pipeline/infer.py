@@ -1,9 +1,9 @@
 """The model steps of a job: read chunk packs back, transcribe / caption / summarise them, summarise the file.
 
 Chunks are fetched and decoded by a few threads at once, and as many chunks as a :class:`ChunkBudget` allows
-are held decoded at a time (all-or-nothing per call, so callers never deadlock over it). With a
-:class:`~pipeline.engines.pipelined.PipelinedEngine`, several callers (messages, files) run these functions at
-once and their rows share ``generate`` calls.
+are held decoded at a time (all-or-nothing per call, so callers never deadlock over it). With a concurrent engine
+(:class:`~pipeline.engines.base.ConcurrentEngine`: the pipelined transformers engine, or vLLM), several callers
+(messages, files) run these functions at once and their rows share the model's batches.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline import deadlines, failpoints, languages, prompts
 from pipeline.config import Settings
 from pipeline.engines import whisper
-from pipeline.engines.base import Engine, GenerationRequest, GenerationResult
+from pipeline.engines.base import ConcurrentEngine, Engine, GenerationRequest, GenerationResult
 from pipeline.errors import ConfigError, ModelError, RowFailed, TransientError, error_text
 from pipeline.media import extract, pack, speech
 from pipeline.media.plan import Chunk
@@ -510,14 +510,12 @@ def fail_chunks(job_plan: JobPlan, indices: list[int], reason: str, storage: Sto
 def infer_file(
     job_plan: JobPlan, engine: Engine, storage: Storage, settings: Settings, budget: ChunkBudget | None = None
 ) -> None:
-    """Every chunk of a file, in groups of ``batch_size``; with a pipelined engine two groups run at once, so
+    """Every chunk of a file, in groups of ``batch_size``; with a concurrent engine two groups run at once, so
     one group's chunks are fetched and decoded while the other's generate."""
-    from pipeline.engines.pipelined import PipelinedEngine
-
     indices = [c.index for c in job_plan.chunks]
     size = settings.batch_size
     groups = [indices[first : first + size] for first in range(0, len(indices), size)]
-    if isinstance(engine, PipelinedEngine) and len(groups) > 1:
+    if isinstance(engine, ConcurrentEngine) and len(groups) > 1:
         file_language(job_plan, engine, storage, settings)  # once, before two groups could ask at the same time
         with ThreadPoolExecutor(2, thread_name_prefix="omniq-group") as runners:
             list(runners.map(lambda group: infer_chunks(job_plan, group, engine, storage, settings, budget), groups))
@@ -572,9 +570,7 @@ def generate_each(
     engine: Engine, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
 ) -> list[GenerationResult | BaseException]:
     """Each request's answer, or the exception it alone raised (a transient error of the batch is raised)."""
-    from pipeline.engines.pipelined import PipelinedEngine
-
-    if isinstance(engine, PipelinedEngine):
+    if isinstance(engine, ConcurrentEngine):
         return engine.generate_each(requests, prepared=prepared)
     try:
         return list(engine.generate(requests))

@@ -315,11 +315,11 @@ def run_jobs(
     run the model, and their rows share ``generate`` calls through one :class:`PipelinedEngine`. At most
     ``2 x batch_size`` chunks are held decoded at a time, however many files there are.
     """
-    from pipeline.engines.omni import OmniEngine
+    from pipeline.engines.base import ConcurrentEngine
     from pipeline.engines.pipelined import PipelinedEngine
 
-    own = isinstance(engine, OmniEngine)  # a pipeline made here is closed here
-    pipelined = PipelinedEngine(engine, settings) if own else engine
+    own = not isinstance(engine, ConcurrentEngine)  # a pipeline made here is closed here
+    pipelined = PipelinedEngine(engine, settings) if own else engine  # type: ignore[arg-type]
     budget = ChunkBudget(2 * settings.batch_size)
     ingest_lock = threading.Lock()
     at_once = 2 * settings.batch_size

@@ -70,17 +70,16 @@ def search_index():  # type: ignore[no-untyped-def]
 def engine() -> Engine:
     """One model per worker process, loaded on first use (not in worker_process_init).
 
-    Pipelined: the GPU worker runs several messages at once (``gpu_slots``) and their rows share batches, while
-    the next batch is prepared beside the running one (``pipeline.engines.pipelined``).
+    Concurrent: the GPU worker runs several messages at once (``gpu_slots``) and their rows share batches: with
+    transformers the next batch is prepared beside the running one (``pipeline.engines.pipelined``); vLLM takes
+    every row as it comes and batches continuously (``pipeline.engines.vllm_engine``).
     """
-    from pipeline.engines import whisper
-    from pipeline.engines.omni import OmniEngine
-    from pipeline.engines.pipelined import PipelinedEngine
+    from pipeline.engines import concurrent_engine, whisper
 
-    model = OmniEngine(settings())
+    model = concurrent_engine(settings())
     model.batch_observers.append(_observe_batch)
     whisper.OBSERVERS.append(_observe_asr)
-    return PipelinedEngine(model, settings())
+    return model
 
 
 @once

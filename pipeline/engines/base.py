@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,3 +55,18 @@ class Engine(Protocol):
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Answer every request, in order; batches internally as the settings allow."""
+
+
+@runtime_checkable
+class ConcurrentEngine(Engine, Protocol):
+    """An engine many caller threads use at once, whose rows share the model's batches (the pipelined
+    transformers engine, vLLM): callers hand in every row they have and get each row's outcome."""
+
+    def generate_each(
+        self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
+    ) -> list[GenerationResult | BaseException]:
+        """Each request's answer, or the exception that row alone raised; ``prepared`` is called once every row
+        has become model inputs (the caller may let go of the media)."""
+
+    def close(self) -> None:
+        """Finish the rows under way and stop the engine's threads."""

@@ -76,6 +76,55 @@ def plan_batches(requests: Sequence[GenerationRequest], batch_size: int, default
     return [members for _, members in batches]
 
 
+def model_source(settings: Settings) -> str:
+    """What ``from_pretrained`` (or vLLM) loads for ``settings.model``: the tiny model's folder (built once), a
+    checkpoint folder, or a hub id resolved through the Hugging Face cache."""
+    model = settings.model
+    if model == TINY_MODEL:
+        return str(ensure_tiny_model(settings.cache_dir))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {path} has no config.json; point OMNIQ_MODEL at a checkpoint")
+        return str(path)
+    if model.startswith(("/", ".", "~")):
+        raise ModelError(f"model path {model!r} does not exist; set OMNIQ_MODEL to a checkpoint directory")
+    return model
+
+
+def chat_prompt(processor: Any, request: GenerationRequest) -> str:
+    """The prompt text of ``request`` through the checkpoint's chat template, with one placeholder per media
+    array it carries (a soundtrack interleaved with its video has none of its own); both engines send this."""
+    counts = {"audio": 0, "video": 0, "image": 0}
+    messages = request.messages
+    if _audio_in_video(request):
+        # The soundtrack sits inside the video placeholder, so a separate audio item would be one too many.
+        messages = [_without_audio_items(m) for m in messages]
+    for message in messages:
+        content = message.get("content")
+        for item in content if isinstance(content, list) else []:
+            if item.get("type") in counts:
+                counts[item["type"]] += 1
+    expected = {
+        "audio": int(request.audio is not None and not _audio_in_video(request)),
+        "video": int(request.video is not None),
+        "image": 0,
+    }
+    if counts != expected:
+        raise ValueError(
+            f"{request.kind} request: its messages name {counts} media items but it carries {expected} "
+            "arrays; put one {'type': 'audio'} / {'type': 'video'} item per array and no images"
+        )
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def stop_token_ids(tokenizer: Any, configured: int | list[int] | None) -> set[int]:
+    """The ids that end an answer: ``<|im_end|>``, the tokenizer's end and pad, and the generation config's."""
+    stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, tokenizer.pad_token_id}
+    stop_ids.update(configured if isinstance(configured, list) else [configured])
+    return {int(i) for i in stop_ids if i is not None and i >= 0}
+
+
 def _audio_in_video(request: GenerationRequest) -> bool:
     # A silent video has no soundtrack to interleave: it is processed as a plain video.
     return bool(request.use_audio_in_video and request.video is not None and request.audio is not None)
@@ -156,7 +205,7 @@ class OmniEngine:
 
             device = resolve_device(self.settings.device)
             dtype = resolve_dtype(self.settings.dtype, device)
-            source = self._model_source()
+            source = model_source(self.settings)
             started = time.perf_counter()
             try:
                 processor = AutoProcessor.from_pretrained(source)
@@ -188,11 +237,7 @@ class OmniEngine:
             if device.type != "cuda":
                 model.to(device)
             model.eval()
-            tokenizer = processor.tokenizer
-            stop_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id, tokenizer.pad_token_id}
-            configured = model.generation_config.eos_token_id
-            stop_ids.update(configured if isinstance(configured, list) else [configured])
-            self._stop_ids = {int(i) for i in stop_ids if i is not None and i >= 0}
+            self._stop_ids = stop_token_ids(processor.tokenizer, model.generation_config.eos_token_id)
             self.processor, self.device = processor, device
             self.model = model
             logger.info(
@@ -204,19 +249,6 @@ class OmniEngine:
                 time.perf_counter() - started,
                 " — random weights, text is meaningless" if self.random_weights else "",
             )
-
-    def _model_source(self) -> str:
-        model = self.settings.model
-        if model == TINY_MODEL:
-            return str(ensure_tiny_model(self.settings.cache_dir))
-        path = Path(model).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise ModelError(f"model directory {path} has no config.json; point OMNIQ_MODEL at a checkpoint")
-            return str(path)
-        if model.startswith(("/", ".", "~")):
-            raise ModelError(f"model path {model!r} does not exist; set OMNIQ_MODEL to a checkpoint directory")
-        return model  # a hub id, resolved through the Hugging Face cache
 
     # -- encoding ------------------------------------------------------------------------------------------
 
@@ -236,7 +268,7 @@ class OmniEngine:
         for request in requests:
             if (kind := prompts.row_kind(request.kind)) is not None:
                 failpoints.hit("infer.row", chunk=request.chunk, kind=kind)
-            texts.append(self._prompt(request))
+            texts.append(chat_prompt(self.processor, request))
             if request.video is not None:
                 videos.append(_as_video(request.video))
             if request.audio is not None:
@@ -286,29 +318,6 @@ class OmniEngine:
             attention_mask=attention_mask,
             seconds=time.perf_counter() - started,
         )
-
-    def _prompt(self, request: GenerationRequest) -> str:
-        counts = {"audio": 0, "video": 0, "image": 0}
-        messages = request.messages
-        if _audio_in_video(request):
-            # The soundtrack sits inside the video placeholder, so a separate audio item would be one too many.
-            messages = [_without_audio_items(m) for m in messages]
-        for message in messages:
-            content = message.get("content")
-            for item in content if isinstance(content, list) else []:
-                if item.get("type") in counts:
-                    counts[item["type"]] += 1
-        expected = {
-            "audio": int(request.audio is not None and not _audio_in_video(request)),
-            "video": int(request.video is not None),
-            "image": 0,
-        }
-        if counts != expected:
-            raise ValueError(
-                f"{request.kind} request: its messages name {counts} media items but it carries {expected} "
-                "arrays; put one {'type': 'audio'} / {'type': 'video'} item per array and no images"
-            )
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -379,6 +388,8 @@ class OmniEngine:
                         "finish_reason": "stop" if stopped else "length",
                         "audio_tokens": int((prompt_ids == tokenizer.audio_token_id).sum()),
                         "video_tokens": int((prompt_ids == tokenizer.video_token_id).sum()),
+                        "engine": "transformers",
+                        "token_ids": new_ids,
                     },
                 )
             )

@@ -254,7 +254,7 @@ class PipelinedEngine:
     def _watch(self, rows: list[_Row]) -> AbstractContextManager[deadlines.Deadline]:
         """A model call's deadline (README "Deadlines"): the floor, its rows' media and the tokens it may write;
         its owners are the units whose rows it runs."""
-        media = sum(_media_seconds(row.request, self.default_fps) for row in rows)
+        media = sum(media_seconds(row.request, self.default_fps) for row in rows)
         tokens = max(row.request.max_new_tokens for row in rows)
         owners = tuple(sorted({row.owner for row in rows if row.owner is not None}))
         what = f"generate of {len(rows)} rows ({','.join(sorted({row.request.kind for row in rows}))})"
@@ -371,7 +371,7 @@ class _Countdown:
             self._done()
 
 
-def _media_seconds(request: GenerationRequest, default_fps: float) -> float:
+def media_seconds(request: GenerationRequest, default_fps: float) -> float:
     seconds = len(request.audio) / SAMPLE_RATE if request.audio is not None else 0.0
     if request.video is not None:
         seconds = max(seconds, len(request.video) / float(request.fps or default_fps))

@@ -27,7 +27,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_REDIS, EXIT_NO_STORAGE, EXIT_PARTIAL =
 def _settings(args: argparse.Namespace) -> Settings:
     """The environment's settings with the command line's on top (validated as the environment's are)."""
     overrides: dict[str, object] = {}
-    for name in ("model", "chunk_seconds", "fps", "batch_size", "language", "transcriber", "whisper_model"):
+    for name in ("model", "engine", "chunk_seconds", "fps", "batch_size", "language", "transcriber", "whisper_model"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -57,7 +57,7 @@ def check_embedding(settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.engines.omni import OmniEngine
+    from pipeline.engines import check_engine, concurrent_engine
     from pipeline.job import JobOutcome, run_jobs
     from pipeline.search import open_index
     from pipeline.storage import open_storage
@@ -66,19 +66,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     failpoints.install(settings.failpoints)
     check_transcriber(settings)
     check_embedding(settings)
+    check_engine(settings)
     storage = open_storage(args.out, settings)
     sources, rejected, ignored = _discover_for_run(args, settings)
     outcomes = [JobOutcome(d.uri, None, "failed", None, d.rejected) for d in rejected]
     for outcome in outcomes:
         if not args.json:
             print(_outcome_line(outcome), flush=True)
-    engine = OmniEngine(settings) if sources else None  # no model load for nothing to run
+    engine = concurrent_engine(settings) if sources else None  # no model load for nothing to run
     if engine is not None:
         index = open_index(settings.index_url, settings)
-        for outcome in run_jobs(sources, settings, storage, engine, index, force=args.force):
-            outcomes.append(outcome)
-            if not args.json:
-                print(_outcome_line(outcome), flush=True)
+        try:
+            for outcome in run_jobs(sources, settings, storage, engine, index, force=args.force):
+                outcomes.append(outcome)
+                if not args.json:
+                    print(_outcome_line(outcome), flush=True)
+        finally:
+            engine.close()
     if not args.json and ignored:
         print(_ignored_note(ignored).removeprefix(", "), file=sys.stderr)
     _list_ignored(ignored, args.verbose)
@@ -158,6 +162,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--queue {args.queue!r}: use 'media' (ffmpeg, CPU) or 'gpu' (the model)")
     if args.model:  # the worker's processes and threads read their settings from the environment
         os.environ["OMNIQ_MODEL"] = args.model
+    if args.engine:
+        os.environ["OMNIQ_ENGINE"] = args.engine
     # SIGTERM (docker stop, a deploy) runs Celery's cold shutdown, which waits OMNIQ_SOFT_SHUTDOWN_SECONDS for
     # running tasks and then hands their messages back at once; billiard reads this when celery is imported
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
@@ -165,6 +171,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # before anything imports prometheus_client: every pool process writes its values here
         directory = tempfile.mkdtemp(prefix="omniq-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from pipeline.engines import check_engine
     from workers.app import GPU_QUEUE, app, gpu_queue_for
     from workers.notify import check_target
 
@@ -173,6 +180,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_target(settings)  # a half-set notification target stops the worker here, not silently later
     if args.queue == GPU_QUEUE:
         check_transcriber(settings)  # a Whisper model that is not there stops the worker here
+        check_engine(settings)  # --engine vllm without vLLM, or a checkpoint it cannot serve, stops it here
     else:
         check_embedding(settings)  # the media worker indexes finished jobs: a bad embedding model stops it here
     if args.metrics_port is not None:
@@ -341,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="./omniq-data", help="results directory or s3://bucket/prefix (default ./omniq-data)"
     )
     _model_options(run)
+    _engine_option(run)
     run.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
     run.set_defaults(func=cmd_run)
 
@@ -352,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--queue", required=True, help="media (ffmpeg, CPU) or gpu (the model)")
     worker.add_argument("--model", help="hub id, local checkpoint path, or 'tiny' (default: OMNIQ_MODEL)")
+    _engine_option(worker)
     worker.add_argument("--concurrency", type=int, help="processes for the media queue (default: CPU count)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free port)")
     worker.add_argument("--metrics-host", default="127.0.0.1", help="address for metrics (default 127.0.0.1)")
@@ -423,6 +433,15 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", action="append", metavar="GLOB", help="only these names in dirs/prefixes")
     parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip these names in dirs/prefixes")
     parser.add_argument("--force", action="store_true", help="run again even if already done with these settings")
+
+
+def _engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        help="what runs Qwen3-Omni: transformers (default) or vllm, from the environment 'make vllm' builds "
+        '(OMNIQ_ENGINE; README "Engines")',
+    )
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
