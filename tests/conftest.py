@@ -112,3 +112,17 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("omniq-cache")
     ensure_tiny_model(directory)
     return directory
+
+
+# -- The vLLM engine's environment ----------------------------------------------------------------------
+
+VLLM_VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
+
+
+@pytest.fixture(scope="session")
+def vllm_bin() -> Path:
+    """The ``bin`` folder of the environment ``make vllm`` builds (omniq beside vLLM's own torch and
+    transformers): the vLLM engine's tests run its python and its ``omniq`` there."""
+    if not (VLLM_VENV / "bin" / "omniq").exists():
+        pytest.fail(f"{VLLM_VENV} is missing: run 'make vllm' (make test does) to build the vLLM environment")
+    return VLLM_VENV / "bin"

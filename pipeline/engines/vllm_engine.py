@@ -261,6 +261,15 @@ class VllmEngine:
         seconds = time.perf_counter() - started
         for observer in self.batch_observers:
             observer(len(results), sum(r.new_tokens for r in results), seconds)
+        if results:
+            logger.info(
+                "generated %d rows (%s) in %.2fs: %d prompt + %d new tokens (vLLM)",
+                len(results),
+                ",".join(r.kind for r, o in zip(requests, outcomes, strict=True) if isinstance(o, GenerationResult)),
+                seconds,
+                sum(r.prompt_tokens for r in results),
+                sum(r.new_tokens for r in results),
+            )
         return outcomes
 
     def _inputs(self, request: GenerationRequest) -> tuple[dict[str, Any], Any]:
@@ -367,10 +376,10 @@ class VllmEngine:
 
 
 def _refused(request: GenerationRequest, error: Exception) -> Exception:
-    """vLLM's refusal of one row (its inputs: too long for the context, too many frames) as that row's error."""
-    if isinstance(error, ValueError):
-        return ValueError(f"vLLM refused the {request.kind} row: {error}")
-    return error
+    """vLLM's refusal of one row's inputs (too long for the context, too many frames) as that row's error."""
+    refused = ValueError(f"vLLM refused the {request.kind} row: {type(error).__name__}: {error}")
+    refused.__cause__ = error
+    return refused
 
 
 def _allowed_ids(generation: Any, vocab: int) -> list[int] | None:

@@ -62,8 +62,10 @@ class Worker:
         concurrency: int = 1,
         wrapper: list[str] | None = None,
         args: list[str] | None = None,
+        python: str | None = None,
     ) -> None:
         self.queue, self.env, self.name, self.concurrency = queue, env, name, concurrency
+        self.python = python or sys.executable  # another environment's, e.g. the vLLM engine's (.venv-vllm)
         self.wrapper = wrapper or []  # e.g. unshare, to run the worker as if on another machine
         self.args = args or []  # more ``omniq worker`` options, e.g. --metrics-port
         self.log_path = log_dir / f"{name}.log"
@@ -71,7 +73,7 @@ class Worker:
         self.starts = 0
 
     def start(self) -> Worker:
-        command = [*self.wrapper, sys.executable, "-m", "workers.cli", "-v", "worker", "--queue", self.queue]
+        command = [*self.wrapper, self.python, "-m", "workers.cli", "-v", "worker", "--queue", self.queue]
         command += ["--concurrency", str(self.concurrency), *self.args]
         log = self.log_path.open("ab")
         log.write(f"\n===== start {self.starts} at {time.time():.3f} =====\n".encode())
@@ -162,8 +164,9 @@ class Cluster:
         env: dict[str, str] | None = None,
         wrapper: list[str] | None = None,
         args: list[str] | None = None,
+        python: str | None = None,
     ) -> Worker:
-        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper, args)
+        worker = Worker(queue, {**self.env, **(env or {})}, self.root, name, concurrency, wrapper, args, python)
         self.workers[name] = worker
         return worker.start()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,24 @@ def requests() -> list[GenerationRequest]:
     ]
 
 
+def too_long() -> GenerationRequest:
+    """A caption of 20 s of large frames: about 4 000 video tokens, more than :data:`MAX_MODEL_LEN` holds."""
+    return prompts.caption_request(_frames(40, 448, 448, 7), 2.0, None, 10)
+
+
+MAX_MODEL_LEN = 2048  # the vLLM side's context: every row of :func:`requests` fits, :func:`too_long` does not
+
+
+def _row(outcome: object) -> dict[str, object]:
+    if isinstance(outcome, BaseException):
+        return {"error": f"{type(outcome).__name__}: {outcome}"}
+    return {"text": outcome.text, "prompt_tokens": outcome.prompt_tokens, **outcome.meta}  # type: ignore[attr-defined]
+
+
 def main() -> int:
-    """Run :func:`requests` on the vLLM engine with the tiny model; write one JSON line per row to ``--out``
-    (vLLM logs to standard output)."""
+    """Run :func:`requests` and :func:`too_long` on the vLLM engine with the tiny model, in one call and then
+    each from a thread of its own (as the GPU worker's slots do); write the outcomes as JSON to ``--out`` (vLLM
+    logs to standard output)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -51,16 +67,18 @@ def main() -> int:
     from pipeline.config import Settings
     from pipeline.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine(Settings(model="tiny", cache_dir=args.cache_dir, device="cpu", dtype="auto", fps=2.0))
+    settings = Settings(
+        model="tiny", cache_dir=args.cache_dir, device="cpu", dtype="auto", fps=2.0, vllm_max_model_len=MAX_MODEL_LEN
+    )
+    engine = VllmEngine(settings)
     engine.record_prompt_ids = True
-    rows = []
-    for outcome in engine.generate_each(requests()):
-        if isinstance(outcome, BaseException):
-            rows.append({"error": f"{type(outcome).__name__}: {outcome}"})
-        else:
-            rows.append({"text": outcome.text, "prompt_tokens": outcome.prompt_tokens, **outcome.meta})
+    rows = [*requests(), too_long()]
+    together = [_row(outcome) for outcome in engine.generate_each(rows)]
+    with ThreadPoolExecutor(len(rows)) as callers:
+        apart = [_row(outcome) for outcome in callers.map(lambda row: engine.generate_each([row])[0], rows)]
     engine.close()
-    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = {"together": together, "apart": apart, "most_running": engine.most_running, "steps": engine.steps}
+    args.out.write_text(json.dumps(report))
     return 0
 
 
