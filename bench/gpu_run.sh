@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared run for a GPU machine lent through the workplace's `device` tool (nothing can be
 # downloaded there): installs, from the wheels `make gpu-wheels` put into .gpu-wheels/ (carried along), what
-# the image lacks, then runs the GPU tests and bench/gpu_throughput.py. Everything it writes goes to $OUT.
+# the image lacks, then runs the GPU tests and bench/gpu_throughput.py (transformers, then vLLM where the machine
+# has it). Everything it writes goes to $OUT.
 #   run: bash bench/gpu_run.sh        carry: [".gpu-wheels"]        timeout: ~480 s
 set -euo pipefail
 out="${OUT:-gpu-out}"
@@ -19,4 +20,14 @@ timeout 150 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/pipeline/eng
     || echo "pytest -m gpu exited $?" >>"$out/pytest-gpu.txt"
 timeout 300 "$python" bench/gpu_throughput.py --batches 1,4,8,16 --out "$out/gpu_throughput.json" \
     >"$out/gpu_throughput.txt" 2>&1 || echo "gpu_throughput exited $?" >>"$out/gpu_throughput.txt"
-tail -n 20 "$out/machine.txt" "$out/pytest-gpu.txt" "$out/gpu_throughput.txt"
+# The vLLM engine on the same rows, where this machine's python has vLLM (the CUDA wheel, 336 MB with its own
+# torch 2.14.0, is too large to carry: an image with vllm==0.33.0 runs this part); ratios against the run above
+if "$python" -c 'import vllm' >/dev/null 2>&1; then
+    timeout 400 "$python" bench/gpu_throughput.py --engine vllm --batches 1,4,8,16,32 \
+        --compare "$out/gpu_throughput.json" --out "$out/gpu_throughput_vllm.json" \
+        >"$out/gpu_throughput_vllm.txt" 2>&1 || echo "gpu_throughput --engine vllm exited $?" >>"$out/gpu_throughput_vllm.txt"
+else
+    echo "vLLM is not installed on this machine: the vLLM engine's GPU figures need an image with vllm==0.33.0" \
+        >"$out/gpu_throughput_vllm.txt"
+fi
+tail -n 20 "$out/machine.txt" "$out/pytest-gpu.txt" "$out/gpu_throughput.txt" "$out/gpu_throughput_vllm.txt"

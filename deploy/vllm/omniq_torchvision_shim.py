@@ -14,7 +14,7 @@ _LIBRARY = None  # the fragment must stay alive for its definitions to stay regi
 
 
 class _DefineOps(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 (the import protocol's signature)
+    def find_spec(self, name, path=None, target=None):
         if name != "torchvision":
             return None
         sys.meta_path.remove(self)

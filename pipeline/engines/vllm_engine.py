@@ -111,10 +111,15 @@ class VllmEngine:
 
     concurrent = True  # callers hand in rows from many threads at once (``pipeline.infer``)
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, load_format: str = "auto", fixed_length: bool = False) -> None:
+        """``load_format="dummy"`` (benches): random weights from the checkpoint's config alone, no weight files;
+        ``fixed_length``: every row writes its ``max_new_tokens`` (the end-of-answer tokens ignored)."""
         self.settings = settings
         self.model_id: str = settings.model
-        self.random_weights: bool = settings.model == TINY_MODEL and TINY_MODEL_RANDOM_WEIGHTS
+        self.random_weights: bool = (
+            settings.model == TINY_MODEL and TINY_MODEL_RANDOM_WEIGHTS
+        ) or load_format == "dummy"
+        self.load_format, self.fixed_length = load_format, fixed_length
         self.batch_observers: list[Callable[[int, int, float], None]] = []
         self.processor: Any = None
         self.record_prompt_ids = False  # tests: each result's meta gets the prompt's token ids
@@ -189,6 +194,7 @@ class VllmEngine:
             max_num_seqs=self.settings.vllm_max_num_seqs,
             enforce_eager=device.type != "cuda",  # CUDA graphs only where there is CUDA
             limit_mm_per_prompt={"audio": 1, "video": 1, "image": 0},
+            load_format=self.load_format,
             seed=0,
             disable_log_stats=True,
         )
@@ -300,7 +306,9 @@ class VllmEngine:
             temperature=0.0,
             repetition_penalty=self._repetition_penalty,
             allowed_token_ids=self._allowed,
-            stop_token_ids=sorted(self._stop_ids),
+            stop_token_ids=[] if self.fixed_length else sorted(self._stop_ids),
+            ignore_eos=self.fixed_length,
+            min_tokens=request.max_new_tokens if self.fixed_length else 0,
             detokenize=False,  # decoded here, as the transformers engine does
         )
         inputs: dict[str, Any] = {"prompt": text, "mm_processor_kwargs": kwargs}
@@ -323,27 +331,30 @@ class VllmEngine:
             for row in incoming:
                 request_id = f"omniq-{next(_IDS)}"
                 try:  # vLLM processes the inputs here: a prompt too long for the context is refused alone
-                    running[self._llm.add_request(request_id, row.inputs, row.params)] = row
-                    running[request_id] = row
+                    self._llm.add_request(request_id, row.inputs, row.params)
                 except Exception as error:
                     row.future.set_exception(_refused(row.request, error))
+                else:
+                    running[request_id] = row  # its outputs carry the id given here
             if not running:
                 continue
             try:
                 outputs = self._llm.step()
             except Exception as error:  # the engine itself failed: every row under way gets the error
-                logger.exception("vLLM step failed with %d rows under way", len(set(map(id, running.values()))))
-                for row in {id(r): r for r in running.values()}.values():
+                logger.exception("vLLM step failed with %d rows under way", len(running))
+                try:
+                    self._llm.abort_request(list(running))
+                except Exception:  # the engine is already broken; the rows fail either way
+                    logger.warning("could not abort the rows of the failed step", exc_info=True)
+                for row in running.values():
                     row.future.set_exception(error)
                 running.clear()
                 continue
             self.steps += 1
-            self.most_running = max(self.most_running, len({id(r) for r in running.values()}))
+            self.most_running = max(self.most_running, len(running))
             for output in outputs:
-                if not output.finished or (row := running.get(output.request_id)) is None:
+                if not output.finished or (row := running.pop(output.request_id, None)) is None:
                     continue
-                for key in [k for k, v in running.items() if v is row]:
-                    del running[key]
                 try:
                     row.future.set_result(self._result(row, output))
                 except Exception as error:
@@ -353,7 +364,8 @@ class VllmEngine:
         if not output.outputs:
             raise ModelError(f"vLLM returned no output for a {row.request.kind} row")
         answer = output.outputs[0]
-        new_ids, stopped = trim_generated(list(answer.token_ids), row.request.max_new_tokens, self._stop_ids)
+        stop_ids = set() if self.fixed_length else self._stop_ids
+        new_ids, stopped = trim_generated(list(answer.token_ids), row.request.max_new_tokens, stop_ids)
         tokenizer = self.processor.tokenizer
         prompt_ids = list(output.prompt_token_ids or [])
         meta: dict[str, Any] = {

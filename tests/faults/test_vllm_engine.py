@@ -19,7 +19,7 @@ import pytest
 
 from tests.faults.cluster import Cluster, Worker
 from tests.faults.test_partial_results import generated_rows
-from tests.faults.test_worker_deaths import assert_like_baseline, held_units
+from tests.faults.test_worker_deaths import assert_like_baseline, held_units, killable_units
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,9 @@ def test_the_vllm_worker_sigkilled_while_it_holds_units(cluster: Cluster, media,
     job_ids = cluster.enqueue(media, force=True)
     rng = random.Random(11)
     for _ in range(2):
-        cluster.wait_for("the vLLM worker to hold a unit", lambda: held_units(cluster, vllm_gpu.pid), 120, 0.02)
+        cluster.wait_for(
+            "the vLLM worker to hold a unit", lambda: killable_units(cluster, vllm_gpu.pid, job_ids), 120, 0.02
+        )
         time.sleep(rng.uniform(0.0, 0.3))
         vllm_gpu.kill()  # its whole process group: vLLM's engine goes with it
         time.sleep(1.0)
