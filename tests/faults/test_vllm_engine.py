@@ -9,7 +9,6 @@ worker is stopped meanwhile so that every unit goes to vLLM, and is started agai
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.cluster import Cluster, Worker
-from tests.faults.test_partial_results import generated_rows
+from tests.faults.test_partial_results import FAILING_CAPTION, assert_caption_1_failed, retry_generates_only_what_failed
 from tests.faults.test_worker_deaths import assert_like_baseline, held_units, killable_units
 
 pytestmark = pytest.mark.slow
@@ -78,32 +77,12 @@ def test_the_vllm_worker_sigkilled_while_it_holds_units(cluster: Cluster, media,
 
 def test_a_row_that_always_fails_on_vllm_ends_partial(cluster: Cluster, media, baseline, vllm_gpu: Worker):
     vllm_gpu.terminate()
-    vllm_gpu.env = {**vllm_gpu.env, "OMNIQ_FAILPOINTS": "infer.row=raise:chunk=1:kind=caption"}
+    vllm_gpu.env = {**vllm_gpu.env, "OMNIQ_FAILPOINTS": FAILING_CAPTION}
     vllm_gpu.start()
     (job_id,) = cluster.enqueue([media[0]], force=True)
     job = cluster.wait([job_id], timeout=180)[job_id]
-    media_id = job["media_id"]
-    assert job["status"] == "partial" and job["failed_rows"] == 2, job
-    manifest = cluster.manifest(media_id)
-    assert [(r["kind"], r["chunk"]) for r in manifest["failed_rows"]] == [("caption", 1), ("summary", 1)]
-    assert "FailpointError" in manifest["failed_rows"][0]["reason"]
-    results, expected = cluster.results(media_id), baseline[media_id]
-    for name in ("transcript.json", "transcript.srt", "transcript.vtt", "transcript.txt"):
-        assert results[name] == expected[name], name
-    captions = json.loads(results["captions.json"])["chunks"]
-    wanted = json.loads(expected["captions.json"])["chunks"]
-    assert [c for c in captions if c["index"] != 1] == [c for c in wanted if c["index"] != 1]
-
+    assert_caption_1_failed(cluster, job, baseline[job["media_id"]])
     vllm_gpu.terminate()  # the fault is gone: a retry generates only what failed, and ends as if nothing had
     vllm_gpu.env = {k: v for k, v in vllm_gpu.env.items() if k != "OMNIQ_FAILPOINTS"}
     vllm_gpu.start()
-    before = vllm_gpu.log_path.stat().st_size
-    retried = cluster.cli("retry", job_id)
-    assert retried.returncode == 0 and retried.stdout.startswith("enqueued"), retried.stderr
-    job = cluster.wait([job_id], timeout=180)[job_id]
-    assert job["status"] == "done" and job["failed_rows"] == 0, job
-    assert cluster.results(media_id) == expected
-    with vllm_gpu.log_path.open("rb") as log:
-        log.seek(before)
-        generated = generated_rows(log.read().decode(errors="replace"))
-    assert generated == {"caption": 1, "chunk_summary": 1, "file_summary": 1}, generated
+    retry_generates_only_what_failed(cluster, job_id, vllm_gpu, baseline[job["media_id"]])
