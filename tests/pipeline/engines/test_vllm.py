@@ -126,8 +126,13 @@ def test_a_checkpoint_vllm_cannot_serve_is_named(tmp_path: Path, vllm_bin: Path)
     assert "cannot serve Qwen3OmniMoeThinkerForConditionalGeneration" in done.stderr.strip().splitlines()[-1]
 
 
-def test_the_engine_setting_is_checked() -> None:
+def test_the_engine_setting_is_checked_and_vllm_gets_more_slots() -> None:
+    from workers.runtime import gpu_slots
+
     assert Settings(engine=" VLLM ").engine == "vllm"
+    assert gpu_slots(Settings(engine="vllm", batch_size=4)) == 32  # vLLM batches whatever it is handed
+    assert gpu_slots(Settings(engine="transformers", batch_size=4)) == 16
+    assert gpu_slots(Settings(engine="vllm", batch_size=4, gpu_slots=5)) == 5
     with pytest.raises(ValueError, match="engine 'onnx': use transformers"):
         Settings(engine="onnx")
 
