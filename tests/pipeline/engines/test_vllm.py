@@ -23,17 +23,26 @@ from tests.pipeline.engines.conftest import tiny_settings
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="module")
-def vllm_report(vllm_bin: Path, tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run_cases(vllm_bin: Path, cache_dir: Path, out: Path, **env: str) -> dict[str, Any]:
     """What the vLLM engine answered to :func:`cases.requests` (+ a row too long for its context), all in one
     call and each row from a thread of its own."""
-    out = tmp_path_factory.mktemp("vllm") / "report.json"
-    command = [str(vllm_bin / "python"), "-m", "tests.pipeline.engines.cases", "--cache-dir", str(tiny_cache_dir)]
+    command = [str(vllm_bin / "python"), "-m", "tests.pipeline.engines.cases", "--cache-dir", str(cache_dir)]
     done = subprocess.run(
-        [*command, "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+        [*command, "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_base_env(), **env},
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def vllm_report(vllm_bin: Path, tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_cases(vllm_bin, tiny_cache_dir, tmp_path_factory.mktemp("vllm") / "report.json")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +90,13 @@ def test_both_engines_write_the_same_greedy_tokens(
 def test_rows_from_many_callers_are_batched_and_answered_the_same(vllm_report: dict[str, Any]) -> None:
     assert vllm_report["apart"] == vllm_report["together"]
     assert vllm_report["most_running"] >= 4  # rows handed in by different threads ran in the same steps
+
+
+def test_the_engine_core_in_a_process_of_its_own_answers_the_same(
+    vllm_bin: Path, tiny_cache_dir: Path, tmp_path: Path, vllm_report: dict[str, Any]
+) -> None:
+    apart = run_cases(vllm_bin, tiny_cache_dir, tmp_path / "report.json", OMNIQ_VLLM_ENGINE_PROCESS="true")
+    assert apart["together"] == vllm_report["together"] and apart["apart"] == vllm_report["apart"]
 
 
 def test_a_row_too_long_for_the_context_fails_alone_with_the_reason(vllm_report: dict[str, Any]) -> None:
