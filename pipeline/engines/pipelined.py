@@ -135,7 +135,7 @@ class PipelinedEngine:
         ``prepared`` is called (from the preparing thread) once every one of them has become model inputs or
         failed: the caller may then let go of the media, e.g. fetch the next chunks while these generate.
         """
-        return [_unwrap(outcome) for outcome in self.generate_each(requests, prepared)]
+        return [unwrap(outcome) for outcome in self.generate_each(requests, prepared)]
 
     def generate_each(
         self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
@@ -252,13 +252,9 @@ class PipelinedEngine:
                 row.future.set_result(result)
 
     def _watch(self, rows: list[_Row]) -> AbstractContextManager[deadlines.Deadline]:
-        """A model call's deadline (README "Deadlines"): the floor, its rows' media and the tokens it may write;
-        its owners are the units whose rows it runs."""
-        media = sum(media_seconds(row.request, self.default_fps) for row in rows)
-        tokens = max(row.request.max_new_tokens for row in rows)
+        """A model call's deadline; its owners are the units whose rows it runs."""
         owners = tuple(sorted({row.owner for row in rows if row.owner is not None}))
-        what = f"generate of {len(rows)} rows ({','.join(sorted({row.request.kind for row in rows}))})"
-        return deadlines.watch(what, deadlines.model_seconds(self.settings, media, tokens), deadlines.MODEL, owners)
+        return watch_model_call(self.settings, [row.request for row in rows], owners)
 
     def _run_apart(self, rows: list[_Row], error: Exception) -> None:
         """A batch raised ``error``: run it again in halves until the rows at fault raise alone (each gets its own
@@ -371,6 +367,21 @@ class _Countdown:
             self._done()
 
 
+def watch_model_call(
+    settings: Settings,
+    requests: Sequence[GenerationRequest],
+    owners: tuple[deadlines.Owner, ...] | None = None,
+    *,
+    label: str = "generate",
+) -> AbstractContextManager[deadlines.Deadline]:
+    """A model call's deadline (README "Deadlines"): the floor, its rows' media and the tokens it may write, for
+    ``owners`` (default: the calling thread's unit); both concurrent engines watch their calls with it."""
+    media = sum(media_seconds(request, settings.fps) for request in requests)
+    tokens = max((request.max_new_tokens for request in requests), default=0)
+    what = f"{label} of {len(requests)} rows ({','.join(sorted({request.kind for request in requests}))})"
+    return deadlines.watch(what, deadlines.model_seconds(settings, media, tokens), deadlines.MODEL, owners)
+
+
 def media_seconds(request: GenerationRequest, default_fps: float) -> float:
     seconds = len(request.audio) / SAMPLE_RATE if request.audio is not None else 0.0
     if request.video is not None:
@@ -389,7 +400,7 @@ def _tell_prepared(rows: Sequence[_Row]) -> None:
             row.prepared = None
 
 
-def _unwrap(outcome: GenerationResult | BaseException) -> GenerationResult:
+def unwrap(outcome: GenerationResult | BaseException) -> GenerationResult:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome

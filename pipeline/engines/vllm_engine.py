@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import deadlines, failpoints, prompts
+from pipeline import failpoints, prompts
 from pipeline.config import TINY_MODEL, Settings
 from pipeline.engines.base import SAMPLE_RATE, GenerationRequest, GenerationResult
 from pipeline.engines.omni import (
@@ -46,7 +46,7 @@ from pipeline.engines.omni import (
     stop_token_ids,
     trim_generated,
 )
-from pipeline.engines.pipelined import media_seconds
+from pipeline.engines.pipelined import unwrap, watch_model_call
 from pipeline.engines.tiny import TINY_MODEL_RANDOM_WEIGHTS
 from pipeline.errors import ConfigError, ModelError
 
@@ -217,11 +217,7 @@ class VllmEngine:
         self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
     ) -> list[GenerationResult]:
         """Answer every request, in order; the first row that failed raises."""
-        outcomes = self.generate_each(requests, prepared)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return [o for o in outcomes if isinstance(o, GenerationResult)]
+        return [unwrap(outcome) for outcome in self.generate_each(requests, prepared)]
 
     def generate_each(
         self, requests: list[GenerationRequest], prepared: Callable[[], None] | None = None
@@ -251,13 +247,7 @@ class VllmEngine:
             self._condition.notify_all()
         if prepared is not None:
             prepared()
-        media = sum(media_seconds(r, self.settings.fps) for r in requests)
-        tokens = max((r.max_new_tokens for r in requests), default=0)
-        what = f"vLLM generate of {len(requests)} rows ({','.join(sorted({r.kind for r in requests}))})"
-        owner = deadlines.current_owner()
-        with deadlines.watch(
-            what, deadlines.model_seconds(self.settings, media, tokens), deadlines.MODEL, (owner,) if owner else None
-        ):
+        with watch_model_call(self.settings, requests, label="vLLM generate"):
             failpoints.hit("gpu.generate", rows=len(requests))
             outcomes: list[GenerationResult | BaseException] = []
             for future in futures:
